@@ -1,0 +1,3 @@
+from airflow_modelopt.cli import main
+
+raise SystemExit(main())

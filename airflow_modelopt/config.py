@@ -1,0 +1,105 @@
+"""Airflow-side configuration: the ``[modelopt]`` section.
+
+Every option can be set in airflow.cfg or as ``AIRFLOW__MODELOPT__<OPTION>`` in the environment,
+so a whole deployment switches (say, to Docker) without editing a DAG. Operator arguments win
+over configuration.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from airflow_modelopt.exceptions import SpecError
+from airflow_modelopt.specs import EXECUTION_MODES, spec_class_for
+from airflow_modelopt.version import __version__
+
+SECTION = "modelopt"
+
+#: Option -> (default, description). The provider info publishes these, so `airflow config list`
+#: shows them, and `get()` falls back to them.
+OPTIONS: dict[str, tuple[str, str]] = {
+    "execution_mode": ("local", "Where steps run: local (a subprocess), docker or kubernetes."),
+    "local_python": ("", "Python that runs steps in local mode; empty means the worker's own interpreter."),
+    "image_registry": ("", "Registry and namespace prefixed to image names, e.g. registry.example.com/ml."),
+    "image_name_prefix": ("airflow-modelopt-", "Image name before the family: <prefix><family>, e.g. airflow-modelopt-torch."),
+    "image_tag": (__version__, "Tag of every step image; defaults to the provider's version."),
+    "image_overrides": ("{}", 'JSON mapping of step name to a full image reference, e.g. {"torch_to_onnx": "my/torch:1"}.'),
+    "docker_url": ("unix://var/run/docker.sock", "Docker engine the docker mode talks to."),
+    "docker_network_mode": ("bridge", "Network of step containers; host lets them reach a tracking server on loopback."),
+    "kubernetes_namespace": ("default", "Namespace step pods run in."),
+    "kubernetes_service_account": ("", "Service account of step pods (empty: the namespace default)."),
+    "kubernetes_mlflow_secret": ("", "Kubernetes Secret whose keys become the pod's environment (MLflow credentials)."),
+    "kubernetes_in_cluster": ("True", "Whether the worker runs inside the cluster it launches pods in."),
+    "mlflow_conn_id": ("mlflow_default", "Airflow connection that names the MLflow tracking server."),
+    "default_tracking_uri": ("", "Tracking URI used when the connection does not exist; empty means a SQLite store under $AIRFLOW_HOME/modelopt."),
+    "mlflow_connect_retries": ("5", "Attempts to reach the tracking server, with exponential backoff, before failing."),
+}
+
+
+def get(option: str) -> str:
+    """Read ``[modelopt] option``, falling back to this package's default."""
+    from airflow.configuration import conf
+
+    default = OPTIONS[option][0]
+    value = conf.get(SECTION, option, fallback=default)
+    return default if value is None else str(value)
+
+
+def resolve_execution_mode(explicit: str | None) -> str:
+    """The operator's argument if given, else configuration; raise naming the bad value."""
+    source = "execution_mode argument" if explicit else f"[{SECTION}] execution_mode"
+    mode = (explicit or get("execution_mode")).strip().lower()
+    if mode not in EXECUTION_MODES:
+        raise SpecError(f"{source} is {mode!r}; expected one of {', '.join(EXECUTION_MODES)}")
+    return mode
+
+
+def image_for(step: str, explicit: str | None = None) -> str:
+    """Image reference a step runs in: the explicit one, a per-step override, or the family image."""
+    if explicit:
+        return explicit
+    raw = get("image_overrides") or "{}"
+    try:
+        overrides: dict[str, Any] = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise SpecError(f"[{SECTION}] image_overrides is not valid JSON: {exc}") from None
+    if step in overrides:
+        return str(overrides[step])
+    family = spec_class_for(step).image_family
+    registry = get("image_registry").strip().rstrip("/")
+    name = f"{get('image_name_prefix')}{family}:{get('image_tag')}"
+    return f"{registry}/{name}" if registry else name
+
+
+@dataclass(frozen=True)
+class KubernetesSettings:
+    namespace: str
+    service_account: str | None
+    mlflow_secret: str | None
+    in_cluster: bool
+
+    @classmethod
+    def from_config(cls) -> KubernetesSettings:
+        return cls(
+            namespace=get("kubernetes_namespace"),
+            service_account=get("kubernetes_service_account") or None,
+            mlflow_secret=get("kubernetes_mlflow_secret") or None,
+            in_cluster=get("kubernetes_in_cluster").lower() in ("1", "true", "yes"),
+        )
+
+
+def provider_config() -> dict[str, Any]:
+    """The ``config`` block of the provider info, generated from OPTIONS."""
+    return {
+        SECTION: {
+            "description": "airflow-modelopt: execution modes, images and the MLflow store.",
+            "options": {
+                # Airflow str.format()s provider defaults with its variables: escape braces.
+                name: {"description": desc, "version_added": "0.1.0", "type": "string", "example": None,
+                       "default": default.replace("{", "{{").replace("}", "}}")}
+                for name, (default, desc) in OPTIONS.items()
+            },
+        }
+    }

@@ -1,0 +1,220 @@
+"""The operator every step shares: spec building, validation and the choice of execution mode.
+
+A step operator is one line of configuration (see ``operators/__init__.py``): its spec class.
+The spec's fields become the operator's keyword arguments and template fields, so a field is
+described once, in ``specs.py``, and the operator, the container and the docs agree on it.
+"""
+
+from __future__ import annotations
+
+import ast
+from functools import cached_property
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar
+
+from pydantic import TypeAdapter, ValidationError
+
+from airflow_modelopt import config
+from airflow_modelopt.exceptions import SpecError
+from airflow_modelopt.hooks.mlflow import MlflowHook
+from airflow_modelopt.operators.launchers import LAUNCHERS, Launcher
+from airflow_modelopt.specs import RunContext, StepResult, StepSpec, format_validation_error
+
+try:  # Airflow 3
+    from airflow.sdk import BaseOperator
+    from airflow.sdk.exceptions import AirflowFailException
+except ImportError:  # pragma: no cover - Airflow 2
+    from airflow.exceptions import AirflowFailException  # type: ignore[no-redef]
+    from airflow.models import BaseOperator  # type: ignore[no-redef]
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+_COMMON_TEMPLATE_FIELDS = ("execution_mode", "image", "experiment_name", "force")
+
+
+def _is_templated(value: Any) -> bool:
+    if isinstance(value, str):
+        return "{{" in value or "{%" in value
+    if isinstance(value, dict):
+        return any(_is_templated(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_is_templated(v) for v in value)
+    return False
+
+
+def _coerce_rendered(value: Any) -> Any:
+    """A Jinja-rendered list or dict arrives as its repr; turn it back into the object."""
+    if isinstance(value, str) and value.strip()[:1] in ("[", "{"):
+        try:
+            return ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            return value
+    if isinstance(value, str) and value.strip() in ("None", ""):
+        return None
+    return value
+
+
+class ModelOptOperator(BaseOperator):
+    """Runs one airflow-modelopt step in the chosen execution mode and returns its result.
+
+    Common arguments (every step operator takes these besides its spec fields):
+
+    :param execution_mode: ``local``, ``docker`` or ``kubernetes``; default ``[modelopt] execution_mode``.
+    :param image: image reference for docker/kubernetes; default from ``[modelopt]`` image options.
+    :param mlflow_conn_id: Airflow connection of the MLflow tracking server (default ``mlflow_default``).
+    :param experiment_name: MLflow experiment; default the DAG id.
+    :param force: run even when a finished MLflow run with the same cache key exists.
+    :param python: interpreter for local mode (default: ``[modelopt] local_python``, else this one).
+    :param docker_kwargs: extra DockerOperator arguments (mem_limit, device_requests, ...).
+    :param kubernetes_kwargs: extra KubernetesPodOperator arguments (container_resources,
+        node_selector, tolerations, affinity, ...).
+    """
+
+    spec_class: ClassVar[type[StepSpec]]
+    _spec_fields: ClassVar[tuple[str, ...]] = ()
+    template_fields = _COMMON_TEMPLATE_FIELDS
+    ui_color = "#dbeafe"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        spec = cls.__dict__.get("spec_class")
+        if spec is None:
+            return
+        fields = tuple(spec.user_fields())
+        clashes = [f for f in fields if f in _COMMON_TEMPLATE_FIELDS or hasattr(BaseOperator, f)]
+        if clashes:
+            raise TypeError(f"{spec.__name__} fields clash with operator attributes: {clashes}")
+        cls._spec_fields = fields
+        cls.template_fields = (*fields, *_COMMON_TEMPLATE_FIELDS)
+        lines = [f"{cls.__doc__ or spec.__doc__ or ''}".rstrip(), "", f"Step ``{spec.step_name()}`` "
+                 f"(image family ``{spec.image_family}``). Spec fields, all templated:", ""]
+        for name, info in spec.user_fields().items():
+            default = "required" if info.is_required() else f"default {info.get_default(call_default_factory=True)!r}"
+            lines.append(f":param {name}: {info.description or ''} ({default})")
+        cls.__doc__ = "\n".join(lines) + "\n\n" + (ModelOptOperator.__doc__ or "").split("Common arguments", 1)[-1]
+
+    def __init__(
+        self,
+        *,
+        execution_mode: str | None = None,
+        image: str | None = None,
+        mlflow_conn_id: str | None = None,
+        experiment_name: str | None = None,
+        force: bool = False,
+        python: str | None = None,
+        docker_kwargs: dict[str, Any] | None = None,
+        kubernetes_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        spec_values = {name: kwargs.pop(name) for name in self._spec_fields if name in kwargs}
+        super().__init__(**kwargs)
+        self._spec_values_given = tuple(spec_values)
+        for name in self._spec_fields:  # every template field must exist; unset ones stay None
+            setattr(self, name, spec_values.get(name))
+        self.execution_mode = execution_mode
+        self.image = image
+        self.mlflow_conn_id = mlflow_conn_id
+        self.experiment_name = experiment_name
+        self.force = force
+        self.python = python
+        self.docker_kwargs = dict(docker_kwargs or {})
+        self.kubernetes_kwargs = dict(kubernetes_kwargs or {})
+        self._launcher: Launcher | None = None
+        self._check_literal_arguments()
+
+    # -- validation -------------------------------------------------------------------------
+
+    def _spec_values(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self._spec_values_given}
+
+    def _check_literal_arguments(self) -> None:
+        """Refuse bad literal arguments at DAG parse time; templated ones wait for rendering."""
+        prefix = f"{type(self).__name__} {self.task_id!r}: "
+        if self.execution_mode and not _is_templated(self.execution_mode):
+            try:
+                config.resolve_execution_mode(self.execution_mode)
+            except SpecError as exc:
+                raise ValueError(prefix + str(exc)) from None
+        values = self._spec_values()
+        templated = {k for k, v in values.items() if _is_templated(v)}
+        if not templated:
+            try:
+                self.spec_class.model_validate({**values, "step": self.spec_class.step_name()})
+            except ValidationError as exc:
+                raise ValueError(format_validation_error(exc, prefix=prefix)) from None
+            return
+        fields = self.spec_class.user_fields()
+        for name, value in values.items():
+            if name in templated:
+                continue
+            info = fields[name]
+            annotation = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+            adapter = TypeAdapter(annotation)  # type: ignore[misc]
+            try:
+                adapter.validate_python(value)
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                raise ValueError(f"{prefix}invalid spec: {name}: {first['msg']} (got {value!r})") from None
+        missing = [n for n, i in fields.items() if i.is_required() and n not in values]
+        if missing:
+            raise ValueError(f"{prefix}missing required argument(s): {', '.join(missing)}")
+
+    def build_spec(self, context: Context | None = None, *, mode: str = "local") -> StepSpec:
+        """The validated spec from rendered fields, with the run context filled in."""
+        values = {k: _coerce_rendered(v) for k, v in self._spec_values().items()}
+        ctx = self._run_context(context, mode)
+        try:
+            return self.spec_class.model_validate(
+                {**values, "step": self.spec_class.step_name(), "context": ctx.model_dump()}
+            )
+        except ValidationError as exc:
+            raise SpecError(format_validation_error(exc, prefix=f"{type(self).__name__} {self.task_id!r}: ")) from None
+
+    def _run_context(self, context: Context | None, mode: str) -> RunContext:
+        ti = context.get("ti") if context else None
+        dag_run = context.get("dag_run") if context else None
+        logical_date = context.get("logical_date") if context else None
+        dag_id = getattr(ti, "dag_id", None) or (self.dag_id if self.has_dag() else None)
+        force = self.force if isinstance(self.force, bool) else str(self.force).lower() in ("1", "true", "yes")
+        return RunContext(
+            dag_id=dag_id,
+            run_id=getattr(dag_run, "run_id", None) or getattr(ti, "run_id", None),
+            task_id=self.task_id,
+            try_number=int(getattr(ti, "try_number", 1) or 1),
+            logical_date=logical_date.isoformat() if logical_date is not None else None,
+            execution_mode=mode,
+            experiment_name=self.experiment_name or dag_id or "airflow-modelopt",
+            force=force,
+        )
+
+    # -- execution --------------------------------------------------------------------------
+
+    @cached_property
+    def mlflow_hook(self) -> MlflowHook:
+        return MlflowHook(self.mlflow_conn_id or config.get("mlflow_conn_id"))
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        try:
+            mode = config.resolve_execution_mode(self.execution_mode)
+            spec = self.build_spec(context, mode=mode)
+        except SpecError as exc:
+            raise AirflowFailException(str(exc)) from None
+        tracking = self.mlflow_hook.tracking_config()
+        self.log.info(
+            "Running step %s in %s mode; MLflow: %s (%s)", spec.step, mode, tracking.tracking_uri, tracking.source
+        )
+        self._launcher = LAUNCHERS[mode](self)
+        result: StepResult = self._launcher.launch(spec, tracking, context)
+        self.log.info(
+            "Step %s %s: MLflow run %s, cache key %s", spec.step,
+            "reused a cached run" if result.cache_hit else "finished", result.mlflow_run_id, result.cache_key[:16],
+        )
+        for name, uri in sorted(result.artifacts.items()):
+            self.log.info("  artifact %s: %s", name, uri)
+        for name, value in sorted(result.metrics.items()):
+            self.log.info("  metric %s = %.6g", name, value)
+        return result.model_dump(mode="json")
+
+    def on_kill(self) -> None:
+        if self._launcher is not None:
+            self._launcher.kill()

@@ -1,0 +1,230 @@
+"""Container side: run one step under its own nested MLflow run.
+
+The order matters for "nothing partial": inputs are resolved and hashed first (bad input fails
+before any run exists), then the cache is consulted, then the nested run is created, the step
+works in a private temporary folder, and only a step that returned gets its result logged and
+its run tagged ``modelopt.status=succeeded``. A failure leaves a FAILED run carrying the error,
+which the cache never reuses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import json
+import logging
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from airflow_modelopt import tracking
+from airflow_modelopt.exceptions import InputError, ModelOptError
+from airflow_modelopt.specs import StepResult, StepSpec, Verdict, parse_spec
+from airflow_modelopt.version import __version__
+
+log = logging.getLogger("airflow_modelopt.runner")
+
+
+@dataclass
+class StepOutput:
+    """What a step's ``run`` returns; the runner turns it into the StepResult."""
+
+    artifacts: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+    verdict: Verdict | None = None
+
+
+@dataclass
+class StepContext:
+    """What a step gets besides its spec: local inputs, a work folder, and its MLflow run."""
+
+    spec: StepSpec
+    run_id: str
+    experiment_id: str
+    parent_run_id: str | None
+    workdir: Path
+    inputs: dict[str, Path]
+    client: Any
+    log: logging.Logger = log
+
+    def input(self, name: str) -> Path | None:
+        return self.inputs.get(name)
+
+    def artifact_uri(self, artifact_path: str) -> str:
+        return f"runs:/{self.run_id}/{artifact_path}"
+
+    def log_artifact(self, local_path: Path, artifact_path: str | None = None) -> str:
+        """Upload a file or folder to this step's run; return its runs:/ URI."""
+        local_path = Path(local_path)
+        if local_path.is_dir():
+            self.client.log_artifacts(self.run_id, str(local_path), artifact_path)
+            return self.artifact_uri(artifact_path or "")
+        self.client.log_artifact(self.run_id, str(local_path), artifact_path)
+        return self.artifact_uri(f"{artifact_path}/{local_path.name}" if artifact_path else local_path.name)
+
+    def log_dict(self, data: dict[str, Any], artifact_file: str) -> str:
+        self.client.log_dict(self.run_id, data, artifact_file)
+        return self.artifact_uri(artifact_file)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+
+def step_module(step: str) -> Any:
+    return importlib.import_module(f"airflow_modelopt.steps.{step}")
+
+
+def cache_key(spec: StepSpec, input_digests: dict[str, str], module: Any) -> str:
+    """sha256 over the step, its parameters (inputs by content, not by URI), the code and image."""
+    params = {k: v for k, v in spec.params().items() if k not in spec.input_fields}
+    try:
+        code = hashlib.sha256(inspect.getsource(module).encode()).hexdigest()
+    except (OSError, TypeError):
+        code = __version__
+    payload = {
+        "step": spec.step,
+        "spec_version": spec.spec_version,
+        "params": params,
+        "inputs": input_digests,
+        "code": code,
+        "image": spec.context.image_digest or spec.context.image or f"local:{__version__}",
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _tags(spec: StepSpec, key: str, parent: str | None) -> dict[str, str]:
+    ctx = spec.context
+    tags = {
+        tracking.TAG_ROLE: "step",
+        tracking.TAG_STEP: spec.step,
+        tracking.TAG_CACHE_KEY: key,
+        tracking.TAG_MODE: ctx.execution_mode,
+        tracking.TAG_TRY: str(ctx.try_number),
+        "modelopt.version": __version__,
+    }
+    optional = {
+        tracking.TAG_DAG_ID: ctx.dag_id,
+        tracking.TAG_RUN_ID: ctx.run_id,
+        tracking.TAG_TASK_ID: ctx.task_id,
+        tracking.TAG_IMAGE: ctx.image,
+        tracking.TAG_IMAGE_DIGEST: ctx.image_digest,
+        tracking.PARENT_TAG: parent,
+    }
+    tags.update({k: v for k, v in optional.items() if v})
+    return tags
+
+
+def run_step(step: str, raw_spec: dict[str, Any] | str) -> StepResult:
+    """Validate, resolve inputs, consult the cache, run the step, and log its result."""
+    started = time.monotonic()
+    spec = parse_spec(step, raw_spec)
+    module = step_module(step)
+
+    import mlflow
+    from mlflow import MlflowClient
+
+    uri = tracking.tracking_uri()
+    tracking.wait_for_server(uri)
+    client = MlflowClient(tracking_uri=uri)
+    experiment_id = tracking.ensure_experiment(client, spec.context.experiment_name)
+    parent = spec.context.parent_run_id or tracking.get_or_create_parent_run(client, experiment_id, spec.context)
+
+    with tempfile.TemporaryDirectory(prefix=f"modelopt-{step}-") as tmp:
+        workdir = Path(tmp)
+        inputs: dict[str, Path] = {}
+        for name in spec.input_fields:
+            value = getattr(spec, name)
+            if value:
+                log.info("Fetching %s: %s", name, value)
+                inputs[name] = tracking.fetch(value, workdir / "inputs" / name, field=name)
+        digests = {name: tracking.digest(path) for name, path in inputs.items()}
+        key = cache_key(spec, digests, module)
+        log.info("Cache key %s", key)
+
+        if not spec.context.force:
+            hit = tracking.find_cached(client, experiment_id, key)
+            if hit is not None:
+                return _reuse(client, spec, experiment_id, parent, key, hit, started)
+
+        run_name = spec.context.task_id or step
+        run = client.create_run(experiment_id, run_name=run_name, tags=_tags(spec, key, parent))
+        run_id = run.info.run_id
+        log.info("MLflow run %s (parent %s) in experiment %s", run_id, parent, experiment_id)
+        ctx = StepContext(spec, run_id, experiment_id, parent, workdir / "work", inputs, client)
+        ctx.workdir.mkdir()
+        try:
+            ctx.log_params(_flatten(spec.params()))
+            client.log_dict(run_id, json.loads(spec.model_dump_json()), "modelopt/spec.json")
+            with mlflow.start_run(run_id=run_id):
+                output: StepOutput = module.run(spec, ctx)
+            result = StepResult(
+                step=step, mlflow_run_id=run_id, parent_run_id=parent, experiment_id=experiment_id,
+                cache_key=key, artifacts=output.artifacts, metrics=output.metrics, info=output.info,
+                verdict=output.verdict, duration_s=round(time.monotonic() - started, 3),
+            )
+            _log_metrics(client, run_id, output.metrics)
+            client.log_dict(run_id, result.model_dump(mode="json"), tracking.RESULT_ARTIFACT)
+            client.set_tag(run_id, tracking.TAG_STATUS, "succeeded")
+            client.set_terminated(run_id, "FINISHED")
+            return result
+        except BaseException as exc:
+            _mark_failed(client, run_id, exc)
+            raise
+
+
+def _reuse(client: Any, spec: StepSpec, experiment_id: str, parent: str | None, key: str, hit: Any,
+           started: float) -> StepResult:
+    """Record the cache hit as its own small run and return the original result."""
+    import mlflow
+
+    local = mlflow.artifacts.download_artifacts(run_id=hit.info.run_id, artifact_path=tracking.RESULT_ARTIFACT)
+    original = StepResult.model_validate(json.loads(Path(local).read_text()))
+    tags = _tags(spec, key, parent) | {tracking.TAG_CACHE_HIT: "true", tracking.TAG_CACHED_FROM: hit.info.run_id}
+    run = client.create_run(experiment_id, run_name=f"{spec.context.task_id or spec.step} (cached)", tags=tags)
+    log.info("Cache hit: reusing MLflow run %s (cache key %s); pass force=True to rebuild", hit.info.run_id, key)
+    result = original.model_copy(update={
+        "mlflow_run_id": run.info.run_id, "parent_run_id": parent, "cache_hit": True,
+        "cached_from_run_id": hit.info.run_id, "duration_s": round(time.monotonic() - started, 3),
+    })
+    client.log_dict(run.info.run_id, result.model_dump(mode="json"), tracking.RESULT_ARTIFACT)
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return result
+
+
+def _mark_failed(client: Any, run_id: str, exc: BaseException) -> None:
+    try:
+        client.set_tag(run_id, tracking.TAG_STATUS, "failed")
+        client.set_tag(run_id, tracking.TAG_ERROR, f"{type(exc).__name__}: {exc}"[:5000])
+        client.set_terminated(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+    except Exception:  # the original error matters more than the bookkeeping
+        log.exception("could not mark MLflow run %s as failed", run_id)
+
+
+def _log_metrics(client: Any, run_id: str, metrics: dict[str, float]) -> None:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
+    for i in range(0, len(items), 500):
+        client.log_batch(run_id, metrics=items[i : i + 500])
+
+
+def _flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for k, v in params.items():
+        if isinstance(v, dict) and v:
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = json.dumps(v) if isinstance(v, (list, dict)) else v
+    return flat
+
+
+__all__ = ["StepContext", "StepOutput", "run_step", "cache_key", "InputError", "ModelOptError"]

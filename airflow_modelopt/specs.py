@@ -1,0 +1,248 @@
+"""The contract between the two sides: typed, versioned step specs and the step result.
+
+The Airflow side builds a spec from an operator's rendered fields and validates it before it
+launches anything; the container side validates the same JSON again before it does any work.
+The result is what a step prints as its last stdout line and what XCom carries between tasks.
+
+This module imports only pydantic, so both sides can use it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from airflow_modelopt.exceptions import SpecError
+from airflow_modelopt.uris import check_artifact_uri
+
+SPEC_VERSION = 1
+
+#: ONNX opsets the torch_to_onnx step accepts. torch.onnx's dynamo exporter starts at 18 and
+#: down-converts to 17; the top is what onnx 1.18+ and onnxruntime 1.20+ both implement.
+MIN_OPSET = 17
+MAX_OPSET = 23
+
+ExecutionMode = Literal["local", "docker", "kubernetes"]
+EXECUTION_MODES: tuple[str, ...] = ("local", "docker", "kubernetes")
+
+ArtifactUri = Annotated[str, AfterValidator(check_artifact_uri)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class RunContext(_Strict):
+    """Where a step runs and what it belongs to. The operator fills this in, never the user."""
+
+    dag_id: str | None = None
+    run_id: str | None = Field(None, description="Airflow DAG run id")
+    task_id: str | None = None
+    try_number: int = Field(1, ge=0)
+    logical_date: str | None = None
+    execution_mode: ExecutionMode = "local"
+    image: str | None = Field(None, description="Image the step runs in (docker and kubernetes modes)")
+    image_digest: str | None = Field(None, description="Content digest of that image")
+    experiment_name: str = "airflow-modelopt"
+    parent_run_id: str | None = Field(None, description="MLflow run of the DAG run")
+    force: bool = Field(False, description="Run even if a finished run with the same cache key exists")
+
+
+class StepSpec(_Strict):
+    """Base of every step's spec. Subclasses add the step's own fields."""
+
+    #: Every concrete spec, by step name.
+    registry: ClassVar[dict[str, type[StepSpec]]] = {}
+    #: Image family the step runs in: images/<family>/Dockerfile.
+    image_family: ClassVar[str] = "base"
+    #: Fields holding artifact URIs whose content feeds the cache key.
+    input_fields: ClassVar[tuple[str, ...]] = ()
+
+    spec_version: Literal[1] = SPEC_VERSION
+    step: str
+    context: RunContext = Field(default_factory=RunContext)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        step_field = cls.model_fields.get("step")
+        if step_field is not None and isinstance(step_field.default, str):
+            StepSpec.registry[step_field.default] = cls
+
+    @classmethod
+    def step_name(cls) -> str:
+        return cls.model_fields["step"].default
+
+    @classmethod
+    def user_fields(cls) -> dict[str, Any]:
+        """The fields a user sets: everything but the envelope (version, step, context)."""
+        return {k: v for k, v in cls.model_fields.items() if k not in ("spec_version", "step", "context")}
+
+    def params(self) -> dict[str, Any]:
+        """The user fields as JSON-able values: what the cache key and MLflow params are made of."""
+        return self.model_dump(mode="json", include=set(self.user_fields()))
+
+
+class TorchToOnnxSpec(StepSpec):
+    """Export a PyTorch model to ONNX and prove ONNX Runtime computes the same thing."""
+
+    image_family: ClassVar[str] = "torch"
+    input_fields: ClassVar[tuple[str, ...]] = ("model_uri", "data_uri")
+
+    step: Literal["torch_to_onnx"] = "torch_to_onnx"
+    model_uri: ArtifactUri = Field(
+        description="torch.export ExportedProgram (.pt2), TorchScript file (.pt/.pth/.ts) or an MLflow "
+        "pytorch model (runs:/, models:/, mlflow-artifacts:/, file:// or a plain path)"
+    )
+    data_uri: ArtifactUri | None = Field(
+        None,
+        description=".npz with one array per model input (keyed by input name, or x for a single "
+        "input); sample inputs for export and the ORT check",
+    )
+    input_shapes: dict[str, list[int]] | None = Field(
+        None,
+        description="Example input shape per input name, batch dimension first; used when data_uri "
+        "is not given (random normal samples)",
+    )
+    input_names: list[str] | None = Field(
+        None, description="ONNX graph input names; default: keys of the data artifact, or x"
+    )
+    output_names: list[str] | None = Field(None, description="ONNX graph output names; default: output, output_1, ...")
+    opset: int = Field(18, ge=MIN_OPSET, le=MAX_OPSET, description="ONNX opset version")
+    dynamic_batch: bool = Field(True, description="Make dimension 0 of every input and output dynamic")
+    dynamic_axes: dict[str, dict[int, str]] | None = Field(
+        None, description="Extra dynamic dimensions: {input name: {dimension index: symbolic name}}"
+    )
+    export_batch_size: int = Field(2, ge=2, le=4096, description="Batch size of the export example (2 or more)")
+    check_batch_sizes: list[Annotated[int, Field(ge=1, le=4096)]] | None = Field(
+        None,
+        description="Batch sizes ONNX Runtime is checked at against torch; default [1, 7] "
+        "(must differ from export_batch_size); with dynamic_batch false, only the export batch",
+    )
+    atol: float = Field(1e-4, gt=0, description="Max absolute error allowed between torch and ORT")
+    rtol: float = Field(1e-3, ge=0, description="Relative tolerance added to atol, as numpy.allclose")
+
+    @model_validator(mode="after")
+    def _check_batches(self) -> TorchToOnnxSpec:
+        if self.data_uri is None and not self.input_shapes:
+            raise ValueError("give data_uri (an .npz of sample inputs) or input_shapes")
+        if self.input_shapes:
+            for name, shape in self.input_shapes.items():
+                if not shape or any(d < 1 for d in shape):
+                    raise ValueError(f"input_shapes[{name!r}] must be a list of positive dimensions, got {shape}")
+        if self.dynamic_batch:
+            sizes = self.check_batch_sizes if self.check_batch_sizes is not None else [1, 7]
+            if self.export_batch_size in sizes:
+                sizes = [s for s in sizes if s != self.export_batch_size]
+                if self.check_batch_sizes is not None:
+                    raise ValueError(
+                        f"check_batch_sizes must differ from export_batch_size={self.export_batch_size}: "
+                        "a dynamic batch is only proven at sizes the export never saw"
+                    )
+            if len(set(sizes)) < 2:
+                raise ValueError("check_batch_sizes needs at least two different batch sizes")
+            self.check_batch_sizes = sorted(set(sizes))
+        else:
+            if self.check_batch_sizes not in (None, [self.export_batch_size]):
+                raise ValueError("check_batch_sizes other than the export batch need dynamic_batch=true")
+            self.check_batch_sizes = [self.export_batch_size]
+        return self
+
+
+class TrainExampleSpec(StepSpec):
+    """Train the example CNN on scikit-learn's digits (shipped with scikit-learn, no download)."""
+
+    image_family: ClassVar[str] = "torch"
+
+    step: Literal["train_example"] = "train_example"
+    epochs: int = Field(15, ge=1, le=500, description="Training epochs")
+    learning_rate: float = Field(3e-3, gt=0, le=1, description="Adam learning rate")
+    batch_size: int = Field(64, ge=1, le=4096, description="Training batch size")
+    seed: int = Field(0, ge=0, description="Seed for the split, the initial weights and the batches")
+    calibration_size: int = Field(200, ge=1, description="Samples in the calibration split")
+    eval_size: int = Field(400, ge=1, description="Samples in the evaluation split")
+
+
+# --------------------------------------------------------------------------------------------
+# Result
+
+
+class Verdict(_Strict):
+    passed: bool
+    reasons: list[str] = Field(default_factory=list)
+
+
+class StepResult(_Strict):
+    """What a step returns: printed as the last stdout line, carried by XCom."""
+
+    spec_version: Literal[1] = SPEC_VERSION
+    step: str
+    mlflow_run_id: str
+    parent_run_id: str | None = None
+    experiment_id: str | None = None
+    cache_key: str
+    cache_hit: bool = False
+    cached_from_run_id: str | None = None
+    artifacts: dict[str, str] = Field(default_factory=dict, description="Output name -> artifact URI")
+    metrics: dict[str, float] = Field(default_factory=dict)
+    info: dict[str, Any] = Field(default_factory=dict, description="Small JSON facts: signatures, layouts")
+    verdict: Verdict | None = None
+    duration_s: float = 0.0
+
+    def to_line(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), separators=(",", ":"), sort_keys=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+
+
+def spec_class_for(step: str) -> type[StepSpec]:
+    try:
+        return StepSpec.registry[step]
+    except KeyError:
+        known = ", ".join(sorted(StepSpec.registry))
+        raise SpecError(f"unknown step {step!r}; known steps: {known}") from None
+
+
+def format_validation_error(err: ValidationError, *, prefix: str = "") -> str:
+    """One line per problem, each naming the field, what was expected and what was given."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "spec"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (not part of this step's spec)"
+        given = e.get("input")
+        shown = "" if e["type"] in ("missing", "extra_forbidden") or isinstance(given, dict) else f" (got {given!r})"
+        lines.append(f"{loc}: {msg}{shown}")
+    head = f"{prefix}invalid {err.title} spec" if prefix or err.title else "invalid spec"
+    return head + ":\n  " + "\n  ".join(lines)
+
+
+def parse_spec(step: str, raw: dict[str, Any] | str) -> StepSpec:
+    """Validate raw JSON (dict or text) as the spec of ``step``; raise SpecError naming each field."""
+    cls = spec_class_for(step)
+    try:
+        data = json.loads(raw) if isinstance(raw, str) else dict(raw)
+    except json.JSONDecodeError as exc:
+        raise SpecError(f"spec is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"spec must be a JSON object, got {type(data).__name__}")
+    data.setdefault("step", step)
+    if data["step"] != step:
+        raise SpecError(f"spec is for step {data['step']!r} but step {step!r} was asked to run")
+    if data.get("spec_version", SPEC_VERSION) != SPEC_VERSION:
+        raise SpecError(
+            f"spec_version {data.get('spec_version')!r} is not supported by this image "
+            f"(it understands version {SPEC_VERSION}); use images matching the provider's version"
+        )
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(format_validation_error(exc)) from None

@@ -1,0 +1,46 @@
+"""Artifact URIs a spec may name, checked the same way on both sides.
+
+Steps never share a local disk: inputs and outputs are MLflow URIs (``runs:/``, ``models:/``,
+``mlflow-artifacts:/``). Plain paths and ``file://`` URIs are accepted for local use.
+"""
+
+from __future__ import annotations
+
+import re
+
+#: Schemes a step can read from, in the order the error message lists them.
+SUPPORTED_SCHEMES = ("runs", "models", "mlflow-artifacts", "file")
+
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*):")
+
+
+def uri_scheme(uri: str) -> str:
+    """Return the URI's scheme, or ``""`` for a plain filesystem path."""
+    match = _SCHEME.match(uri)
+    return match.group(1).lower() if match else ""
+
+
+def check_artifact_uri(uri: str) -> str:
+    """Return ``uri`` unchanged if a step can read it, else raise ``ValueError`` saying why."""
+    if not isinstance(uri, str) or not uri.strip():
+        raise ValueError("must be a non-empty path or URI")
+    uri = uri.strip()
+    scheme = uri_scheme(uri)
+    if scheme and scheme not in SUPPORTED_SCHEMES:
+        allowed = ", ".join(f"{s}:/" for s in SUPPORTED_SCHEMES)
+        raise ValueError(
+            f"unknown URI scheme {scheme!r} in {uri!r}; expected a plain path or one of {allowed}"
+        )
+    if scheme == "runs" and not re.match(r"^runs:/[^/]+(/.*)?$", uri):
+        raise ValueError(f"{uri!r} is not a runs URI; expected runs:/<run_id>/<artifact path>")
+    if scheme == "models" and not re.match(r"^models:/[^/].*$", uri):
+        raise ValueError(
+            f"{uri!r} is not a models URI; expected models:/<name>/<version>, models:/<name>@<alias> "
+            "or models:/<model_id>"
+        )
+    return uri
+
+
+def is_remote(uri: str) -> bool:
+    """True when the URI lives in MLflow rather than on this machine's disk."""
+    return uri_scheme(uri) in ("runs", "models", "mlflow-artifacts")

@@ -1,0 +1,201 @@
+#!/usr/bin/env bash
+# Builds the project's container images without any network inside the builds:
+#
+#   1. the airflow-modelopt wheel (from a clean copy of the sources, reproducible bytes);
+#   2. the wheelhouses, on this host, with pip (cached until pyproject.toml changes):
+#        build/wheelhouse/base/{deps,project}   everything airflow-modelopt[onnx] needs
+#        build/wheelhouse/torch/{deps,project}  only what airflow-modelopt[torch] adds
+#   3. airflow-modelopt-base:<tag> and airflow-modelopt-torch:<tag> (and :latest) with
+#      `pip install --no-index` from those wheelhouses.
+#
+#   scripts/build-images.sh [--base-image IMAGE] [--tag TAG]
+#
+#   --base-image IMAGE  Python 3.11 Debian-like image to start from. Default: python:3.11-slim-bookworm
+#                       if present or pullable, else the debootstrap image of scripts/make-base-image.sh.
+#   --tag TAG           image tag (default: the version in airflow_modelopt/version.py)
+#
+# Environment: PY (python with pip used to build the wheelhouses; default .venv/bin/python, then
+# python3; must be CPython 3.11 on x86_64 like the images), ALLOW_CUDA_TORCH=1 to accept a CUDA
+# torch build, DOCKER_BUILDKIT (default: 1 if `docker buildx` exists, else 0, the legacy builder).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+PYTHON_SLIM=python:3.11-slim-bookworm
+DEBIAN_BASE=airflow-modelopt-debian-base:bookworm
+WHEELHOUSE_FORMAT=2 # bump when the wheelhouse layout changes
+
+die() { echo "build-images: error: $*" >&2; exit 1; }
+log() { printf '==> [%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
+usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; }
+
+base_image=""
+tag=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --base-image) [ $# -ge 2 ] || die "--base-image needs a value"; base_image="$2"; shift 2 ;;
+    --base-image=*) base_image="${1#*=}"; shift ;;
+    --tag) [ $# -ge 2 ] || die "--tag needs a value"; tag="$2"; shift 2 ;;
+    --tag=*) tag="${1#*=}"; shift ;;
+    -h|--help) usage; exit 0 ;;
+    *) die "unknown argument: $1 (see --help)" ;;
+  esac
+done
+
+start_all=$SECONDS
+
+# ---- preconditions --------------------------------------------------------------------------------
+version="$(sed -n 's/^__version__ *= *["'\'']\([^"'\'']*\)["'\''].*/\1/p' airflow_modelopt/version.py)"
+[ -n "$version" ] || die "cannot read __version__ from airflow_modelopt/version.py"
+tag="${tag:-$version}"
+
+if [ -z "${PY:-}" ]; then
+  if [ -x "$ROOT/.venv/bin/python" ]; then PY="$ROOT/.venv/bin/python"; else PY="$(command -v python3 || true)"; fi
+fi
+[ -n "$PY" ] && "$PY" -c 'import sys' 2>/dev/null || die "no usable python (set PY=/path/to/python3.11)"
+pytag="$("$PY" -c 'import platform, sys; print(f"{sys.implementation.name}{sys.version_info[0]}{sys.version_info[1]}-{platform.machine()}")')"
+[ "$pytag" = "cpython311-x86_64" ] \
+  || die "$PY is $pytag; the wheelhouse must be built by CPython 3.11 on x86_64 to match the images (set PY=...)"
+"$PY" -m pip --version >/dev/null 2>&1 || die "$PY has no pip"
+
+command -v docker >/dev/null || die "docker CLI not found (scripts/start-dockerd.sh installs and starts the engine)"
+docker info >/dev/null 2>&1 || die "the Docker engine is not reachable (run scripts/start-dockerd.sh)"
+if [ -z "${DOCKER_BUILDKIT:-}" ]; then
+  if docker buildx version >/dev/null 2>&1; then export DOCKER_BUILDKIT=1; else export DOCKER_BUILDKIT=0; fi
+fi
+log "airflow-modelopt $version, tag $tag, python $PY, DOCKER_BUILDKIT=$DOCKER_BUILDKIT"
+
+WH="$ROOT/build/wheelhouse"
+LOGS="$ROOT/build/logs"
+mkdir -p "$WH" "$LOGS"
+tmp="$(mktemp -d "$ROOT/build/.tmp.XXXXXX")"
+trap 'rm -rf "$tmp"' EXIT
+
+# Runs a command with its output in a log file; shows the end of the log if it fails.
+run_logged() {
+  local name="$1"; shift
+  if ! "$@" >"$LOGS/$name.log" 2>&1; then
+    tail -n 30 "$LOGS/$name.log" >&2
+    die "$name failed (full log: $LOGS/$name.log)"
+  fi
+}
+
+# ---- 1. the project wheel ------------------------------------------------------------------------
+t=$SECONDS
+log "building the airflow-modelopt wheel"
+mkdir -p "$tmp/src" "$tmp/dist"
+# A clean copy: no egg-info or build/ in the work tree, no stray __pycache__ in the wheel.
+src_files=(pyproject.toml airflow_modelopt)
+for f in README.md README.rst LICENSE LICENSE.txt NOTICE MANIFEST.in setup.py setup.cfg; do
+  [ -e "$f" ] && src_files+=("$f")
+done
+tar -c --exclude=__pycache__ --exclude='*.pyc' "${src_files[@]}" | tar -x -C "$tmp/src"
+# Fixed timestamps: unchanged sources give the same wheel bytes, so Docker's layer cache holds.
+run_logged project-wheel env SOURCE_DATE_EPOCH=315532800 \
+  "$PY" -m pip wheel --no-deps --progress-bar off -w "$tmp/dist" "$tmp/src"
+project_whl="$(ls "$tmp/dist"/airflow_modelopt-*.whl 2>/dev/null | head -n1)"
+[ -n "$project_whl" ] || die "the project wheel was not built (log: $LOGS/project-wheel.log)"
+for img in base torch; do
+  rm -rf "$WH/$img/project"; mkdir -p "$WH/$img/project"; cp "$project_whl" "$WH/$img/project/"
+done
+log "  $(basename "$project_whl") ($((SECONDS - t)) s)"
+
+# ---- 2. the wheelhouses --------------------------------------------------------------------------
+t=$SECONDS
+key="$( { echo "format $WHEELHOUSE_FORMAT"; echo "$pytag"; cat pyproject.toml; } | sha256sum | cut -d' ' -f1)"
+stamp="$WH/.stamp"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$key" ] \
+   && ls "$WH"/base/deps/pip-*.whl "$WH"/torch/deps/pip-*.whl >/dev/null 2>&1; then
+  log "wheelhouses are up to date (pyproject.toml unchanged)"
+else
+  log "downloading wheels (pip wheel: the full [torch] set, then the [onnx] subset of it)"
+  rm -f "$stamp"
+  rm -rf "$WH/base/deps" "$WH/torch/deps"
+  mkdir -p "$WH/base/deps" "$WH/torch/deps" "$tmp/all"
+  # The full torch set first; the base set is then resolved offline from it with the same pins, so
+  # a package the two share is the very same file and the torch image only adds new packages.
+  # `pip wheel` rather than `pip download`: an sdist-only dependency is built into a wheel here,
+  # where there is network for its build requirements.
+  run_logged wheelhouse-torch \
+    "$PY" -m pip wheel --progress-bar off -w "$tmp/all" "${project_whl}[torch]" pip
+  : >"$tmp/pins.txt"
+  for f in "$tmp/all"/*.whl; do
+    f="${f##*/}"; name="${f%%-*}"; rest="${f#*-}"
+    [ "$name" = airflow_modelopt ] || echo "${name}==${rest%%-*}" >>"$tmp/pins.txt"
+  done
+  run_logged wheelhouse-base \
+    "$PY" -m pip wheel --progress-bar off --no-index --find-links "$tmp/all" -c "$tmp/pins.txt" \
+    -w "$WH/base/deps" "${project_whl}[onnx]" pip
+  rm -f "$WH/base/deps"/airflow_modelopt-*.whl
+  # torch/deps = the torch set minus what base has (plus pip, which only installs them).
+  for f in "$tmp/all"/*.whl; do
+    b="${f##*/}"
+    case "$b" in airflow_modelopt-*) continue ;; esac
+    [ -e "$WH/base/deps/$b" ] || mv "$f" "$WH/torch/deps/"
+  done
+  cp "$WH"/base/deps/pip-*.whl "$WH/torch/deps/"
+  # Guard: a package in both sets at different versions would leave two copies in the torch image.
+  dup="$(for f in "$WH"/base/deps/*.whl "$WH"/torch/deps/*.whl; do b="${f##*/}"; echo "${b%%-*}" | tr 'A-Z-' 'a-z_'; done \
+         | sort | uniq -d | grep -vx pip || true)"
+  [ -z "$dup" ] || die "packages in both wheelhouses: $dup"
+  # Guard: torch must be the CPU build (a CUDA build drags in several GB of nvidia-* wheels).
+  ls "$WH"/torch/deps/torch-*.whl >/dev/null 2>&1 || die "no torch wheel in the torch wheelhouse"
+  if [ "${ALLOW_CUDA_TORCH:-0}" != 1 ]; then
+    if ls "$WH"/torch/deps/nvidia_* >/dev/null 2>&1 || ! ls "$WH"/torch/deps/torch-*+cpu-*.whl >/dev/null 2>&1; then
+      die "pip picked a CUDA torch build ($(basename "$(ls "$WH"/torch/deps/torch-*.whl | head -n1)")); put the CPU wheel in a folder and set PIP_FIND_LINKS to it (or ALLOW_CUDA_TORCH=1)"
+    fi
+  fi
+  echo "$key" >"$stamp"
+  log "  wheelhouses ready ($((SECONDS - t)) s)"
+fi
+log "  base: $(ls "$WH"/base/deps/*.whl | wc -l) wheels, $(du -sh "$WH/base/deps" | cut -f1); torch adds $(($(ls "$WH"/torch/deps/*.whl | wc -l) - 1)) wheels, $(du -sh "$WH/torch/deps" | cut -f1)"
+
+# ---- 3. the base image to start from -------------------------------------------------------------
+have_image() { docker image inspect "$1" >/dev/null 2>&1; }
+if [ -n "$base_image" ]; then
+  have_image "$base_image" || timeout 120 docker pull "$base_image" >/dev/null 2>&1 \
+    || die "base image $base_image is neither local nor pullable"
+elif have_image "$PYTHON_SLIM"; then
+  base_image="$PYTHON_SLIM"
+elif timeout 60 docker pull "$PYTHON_SLIM" >/dev/null 2>&1; then
+  base_image="$PYTHON_SLIM"
+else
+  log "$PYTHON_SLIM cannot be pulled; using the debootstrap image $DEBIAN_BASE"
+  if ! have_image "$DEBIAN_BASE"; then
+    if ! command -v debootstrap >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+      log "installing debootstrap"
+      run_logged apt-debootstrap sh -c 'apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y debootstrap'
+    fi
+    t=$SECONDS
+    "$ROOT/scripts/make-base-image.sh" "$DEBIAN_BASE" || die "scripts/make-base-image.sh failed"
+    log "  made $DEBIAN_BASE ($((SECONDS - t)) s)"
+  fi
+  base_image="$DEBIAN_BASE"
+fi
+log "base image: $base_image"
+
+# ---- 4. the images ------------------------------------------------------------------------------
+build() { # name dockerfile context build-args...
+  local name="$1" dockerfile="$2" context="$3"; shift 3
+  local t=$SECONDS
+  log "building $name:$tag"
+  docker build -f "$dockerfile" "$@" --build-arg "MODELOPT_VERSION=$version" \
+    -t "$name:$tag" -t "$name:latest" "$context" || die "docker build of $name:$tag failed"
+  log "  $name:$tag built ($((SECONDS - t)) s)"
+}
+build airflow-modelopt-base images/base/Dockerfile "$WH/base" --build-arg "BASE_IMAGE=$base_image"
+build airflow-modelopt-torch images/torch/Dockerfile "$WH/torch" \
+  --build-arg "BASE_IMAGE=airflow-modelopt-base:$tag" --build-arg "PYTHON_IMAGE=$base_image"
+
+# ---- 5. smoke test ------------------------------------------------------------------------------
+log "smoke test"
+docker run --rm "airflow-modelopt-base:$tag" python -c 'import airflow_modelopt, onnx, onnxruntime, mlflow' \
+  || die "airflow-modelopt-base:$tag does not import its packages"
+docker run --rm "airflow-modelopt-torch:$tag" python -c 'import airflow_modelopt, torch, sklearn, onnxruntime' \
+  || die "airflow-modelopt-torch:$tag does not import its packages"
+
+for name in airflow-modelopt-base airflow-modelopt-torch; do
+  log "$name:$tag  $(docker image inspect -f '{{.Size}}' "$name:$tag" | awk '{printf "%.0f MB", $1/1e6}')"
+done
+log "done in $((SECONDS - start_all)) s"
