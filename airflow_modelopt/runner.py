@@ -227,4 +227,4 @@ def _flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-__all__ = ["StepContext", "StepOutput", "run_step", "cache_key", "InputError", "ModelOptError"]
+__all__ = ["InputError", "ModelOptError", "StepContext", "StepOutput", "cache_key", "run_step"]

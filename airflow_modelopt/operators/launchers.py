@@ -14,7 +14,8 @@ import os
 import signal
 import subprocess
 import sys
-from typing import TYPE_CHECKING, Any, Iterable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 from airflow_modelopt import config
 from airflow_modelopt.exceptions import (

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import collections
 import inspect
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -330,4 +329,4 @@ def run(spec: TorchToOnnxSpec, ctx: StepContext) -> StepOutput:
     )
 
 
-__all__ = ["run", "load_torch_model", "graph_stats"]
+__all__ = ["graph_stats", "load_torch_model", "run"]

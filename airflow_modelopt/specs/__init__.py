@@ -1,0 +1,45 @@
+"""The contract between the two sides: typed, versioned step specs and the step result.
+
+The Airflow side builds a spec from an operator's rendered fields and validates it before it
+launches anything; the container side validates the same JSON again before it does any work.
+The result is what a step prints as its last stdout line and what XCom carries between tasks.
+
+One module per group of steps; importing this package registers every step's spec. These
+modules import only pydantic, so both sides can use them.
+"""
+
+from airflow_modelopt.specs.base import (
+    EXECUTION_MODES,
+    MAX_OPSET,
+    MIN_OPSET,
+    SPEC_VERSION,
+    ArtifactUri,
+    ExecutionMode,
+    RunContext,
+    StepResult,
+    StepSpec,
+    Verdict,
+    format_validation_error,
+    parse_spec,
+    spec_class_for,
+)
+from airflow_modelopt.specs.example import TrainExampleSpec
+from airflow_modelopt.specs.export import TorchToOnnxSpec
+
+__all__ = [
+    "EXECUTION_MODES",
+    "MAX_OPSET",
+    "MIN_OPSET",
+    "SPEC_VERSION",
+    "ArtifactUri",
+    "ExecutionMode",
+    "RunContext",
+    "StepResult",
+    "StepSpec",
+    "TorchToOnnxSpec",
+    "TrainExampleSpec",
+    "Verdict",
+    "format_validation_error",
+    "parse_spec",
+    "spec_class_for",
+]
