@@ -1,0 +1,186 @@
+"""Shared fixtures: a real MLflow tracking server on loopback, the example model, Airflow homes.
+
+Tiers are set by folder (tests/unit -> unit, ...), so `pytest -m unit` runs just the fast ones.
+Container tests skip without a Docker engine unless MODELOPT_REQUIRE_DOCKER=1 (CI sets it),
+which turns the skip into a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TIERS = ("unit", "integration", "container", "helm", "e2e", "gpu")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        parts = Path(str(item.fspath)).relative_to(REPO / "tests").parts
+        if parts and parts[0] in TIERS:
+            item.add_marker(getattr(pytest.mark, parts[0]))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 90.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process serving {url} exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout} s")
+
+
+@dataclass
+class MlflowServer:
+    uri: str
+    root: Path
+
+    def env(self) -> dict[str, str]:
+        return {"MLFLOW_TRACKING_URI": self.uri}
+
+    def client(self) -> Any:
+        from mlflow import MlflowClient
+
+        return MlflowClient(tracking_uri=self.uri)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> MlflowServer:
+    """A real `mlflow server --serve-artifacts` on 127.0.0.1 with a SQLite backend."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts", "--workers", "2"],
+        stdout=log, stderr=subprocess.STDOUT, cwd=root,
+    )
+    try:
+        wait_http(f"{uri}/health", timeout=120, proc=proc)
+    except Exception:
+        proc.kill()
+        raise RuntimeError((root / "server.log").read_text()[-3000:]) from None
+    yield MlflowServer(uri, root)
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@dataclass
+class StepRun:
+    returncode: int
+    output: str
+    result: dict[str, Any] | None
+
+
+def run_step(step: str, spec: dict[str, Any], env: dict[str, str], timeout: float = 900) -> StepRun:
+    """The container entry point in a subprocess (local mode without Airflow)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "airflow_modelopt", "run", step, "--spec", "-"],
+        input=json.dumps(spec), capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, **env},
+    )
+    result = None
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    if proc.returncode == 0 and lines:
+        result = json.loads(lines[-1])
+    return StepRun(proc.returncode, proc.stdout + proc.stderr, result)
+
+
+@pytest.fixture(scope="session")
+def example_model(mlflow_server: MlflowServer) -> dict[str, Any]:
+    """The example digits CNN trained once per session and logged to the test server."""
+    run = run_step("train_example", {"context": {"experiment_name": "tests-example"}}, mlflow_server.env())
+    assert run.returncode == 0, run.output[-3000:]
+    return run.result
+
+
+@pytest.fixture(scope="session")
+def example_onnx(mlflow_server: MlflowServer, example_model: dict[str, Any]) -> dict[str, Any]:
+    """The example model exported to ONNX once per session (a models:/ URI of the onnx flavor)."""
+    spec = {"model_uri": example_model["artifacts"]["model_pt2"], "data_uri": example_model["artifacts"]["eval_data"],
+            "context": {"experiment_name": "tests-example"}}
+    run = run_step("torch_to_onnx", spec, mlflow_server.env())
+    assert run.returncode == 0, run.output[-3000:]
+    return run.result
+
+
+@dataclass
+class AirflowHome:
+    path: Path
+    env: dict[str, str]
+
+    def run(self, *args: str, timeout: float = 1200, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(Path(sys.executable).with_name("airflow")), *args], capture_output=True, text=True,
+            timeout=timeout, env={**self.env, **(extra_env or {})}, cwd=self.path,
+        )
+
+
+def make_airflow_home(path: Path, extra_env: dict[str, str]) -> AirflowHome:
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")},
+        "AIRFLOW_HOME": str(path),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+        **extra_env,
+    }
+    home = AirflowHome(path, env)
+    done = home.run("db", "migrate", timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return home
+
+
+@pytest.fixture(scope="session")
+def airflow_home(tmp_path_factory: pytest.TempPathFactory, mlflow_server: MlflowServer) -> AirflowHome:
+    """A SQLite Airflow home whose mlflow_default connection points at the test server."""
+    return make_airflow_home(
+        tmp_path_factory.mktemp("airflow-home"), {"AIRFLOW_CONN_MLFLOW_DEFAULT": mlflow_server.uri}
+    )
+
+
+def docker_available() -> str | None:
+    """None when a Docker engine answers, else why not."""
+    if shutil.which("docker") is None:
+        return "the docker client is not installed"
+    proc = subprocess.run(["docker", "info", "--format", "{{.ServerVersion}}"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return f"no Docker engine answers ({proc.stderr.strip()[:200]})"
+    return None
+
+
+@pytest.fixture(scope="session")
+def docker_engine() -> None:
+    reason = docker_available()
+    if reason is None:
+        return
+    if os.environ.get("MODELOPT_REQUIRE_DOCKER") == "1":
+        pytest.fail(f"MODELOPT_REQUIRE_DOCKER=1 but {reason}")
+    pytest.skip(f"container tests need a Docker engine: {reason} (start dockerd, or see .ci/run)")
