@@ -31,7 +31,8 @@ OPTIONS: dict[str, tuple[str, str]] = {
     "kubernetes_namespace": ("default", "Namespace step pods run in."),
     "kubernetes_service_account": ("", "Service account of step pods (empty: the namespace default)."),
     "kubernetes_mlflow_secret": ("", "Kubernetes Secret whose keys become the pod's environment (MLflow credentials)."),
-    "kubernetes_in_cluster": ("True", "Whether the worker runs inside the cluster it launches pods in."),
+    "kubernetes_conn_id": ("kubernetes_default", "Airflow connection to the cluster step pods run in."),
+    "kubernetes_in_cluster": ("", "True or False; empty lets the Kubernetes provider decide (in-cluster, else kubeconfig)."),
     "mlflow_conn_id": ("mlflow_default", "Airflow connection that names the MLflow tracking server."),
     "default_tracking_uri": ("", "Tracking URI used when the connection does not exist; empty means a SQLite store under $AIRFLOW_HOME/modelopt."),
     "mlflow_connect_retries": ("5", "Attempts to reach the tracking server, with exponential backoff, before failing."),
@@ -78,7 +79,8 @@ class KubernetesSettings:
     namespace: str
     service_account: str | None
     mlflow_secret: str | None
-    in_cluster: bool
+    in_cluster: bool | None
+    conn_id: str
 
     @classmethod
     def from_config(cls) -> KubernetesSettings:
@@ -86,8 +88,16 @@ class KubernetesSettings:
             namespace=get("kubernetes_namespace"),
             service_account=get("kubernetes_service_account") or None,
             mlflow_secret=get("kubernetes_mlflow_secret") or None,
-            in_cluster=get("kubernetes_in_cluster").lower() in ("1", "true", "yes"),
+            in_cluster=_tristate(get("kubernetes_in_cluster")),
+            conn_id=get("kubernetes_conn_id"),
         )
+
+
+def _tristate(value: str) -> bool | None:
+    value = value.strip().lower()
+    if not value:
+        return None
+    return value in ("1", "true", "yes")
 
 
 def provider_config() -> dict[str, Any]:

@@ -53,7 +53,7 @@ tag="${tag:-$version}"
 if [ -z "${PY:-}" ]; then
   if [ -x "$ROOT/.venv/bin/python" ]; then PY="$ROOT/.venv/bin/python"; else PY="$(command -v python3 || true)"; fi
 fi
-[ -n "$PY" ] && "$PY" -c 'import sys' 2>/dev/null || die "no usable python (set PY=/path/to/python3.11)"
+if [ -z "$PY" ] || ! "$PY" -c 'import sys' 2>/dev/null; then die "no usable python (set PY=/path/to/python3.11)"; fi
 pytag="$("$PY" -c 'import platform, sys; print(f"{sys.implementation.name}{sys.version_info[0]}{sys.version_info[1]}-{platform.machine()}")')"
 [ "$pytag" = "cpython311-x86_64" ] \
   || die "$PY is $pytag; the wheelhouse must be built by CPython 3.11 on x86_64 to match the images (set PY=...)"
@@ -81,7 +81,31 @@ run_logged() {
   fi
 }
 
-# ---- 1. the project wheel ------------------------------------------------------------------------
+# ---- 1. the base image to start from (first: fail fast) -----------------------------------------
+have_image() { docker image inspect "$1" >/dev/null 2>&1; }
+if [ -n "$base_image" ]; then
+  have_image "$base_image" || timeout 120 docker pull "$base_image" >/dev/null 2>&1 \
+    || die "base image $base_image is neither local nor pullable"
+elif have_image "$PYTHON_SLIM"; then
+  base_image="$PYTHON_SLIM"
+elif timeout 60 docker pull "$PYTHON_SLIM" >/dev/null 2>&1; then
+  base_image="$PYTHON_SLIM"
+else
+  log "$PYTHON_SLIM cannot be pulled; using the debootstrap image $DEBIAN_BASE"
+  if ! have_image "$DEBIAN_BASE"; then
+    if ! command -v debootstrap >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+      log "installing debootstrap"
+      run_logged apt-debootstrap sh -c 'apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y debootstrap'
+    fi
+    t=$SECONDS
+    "$ROOT/scripts/make-base-image.sh" "$DEBIAN_BASE" || die "scripts/make-base-image.sh failed"
+    log "  made $DEBIAN_BASE ($((SECONDS - t)) s)"
+  fi
+  base_image="$DEBIAN_BASE"
+fi
+log "base image: $base_image"
+
+# ---- 2. the project wheel ------------------------------------------------------------------------
 t=$SECONDS
 log "building the airflow-modelopt wheel"
 mkdir -p "$tmp/src" "$tmp/dist"
@@ -101,7 +125,7 @@ for img in base torch; do
 done
 log "  $(basename "$project_whl") ($((SECONDS - t)) s)"
 
-# ---- 2. the wheelhouses --------------------------------------------------------------------------
+# ---- 3. the wheelhouses --------------------------------------------------------------------------
 t=$SECONDS
 key="$( { echo "format $WHEELHOUSE_FORMAT"; echo "$pytag"; cat pyproject.toml; } | sha256sum | cut -d' ' -f1)"
 stamp="$WH/.stamp"
@@ -151,38 +175,17 @@ else
 fi
 log "  base: $(ls "$WH"/base/deps/*.whl | wc -l) wheels, $(du -sh "$WH/base/deps" | cut -f1); torch adds $(($(ls "$WH"/torch/deps/*.whl | wc -l) - 1)) wheels, $(du -sh "$WH/torch/deps" | cut -f1)"
 
-# ---- 3. the base image to start from -------------------------------------------------------------
-have_image() { docker image inspect "$1" >/dev/null 2>&1; }
-if [ -n "$base_image" ]; then
-  have_image "$base_image" || timeout 120 docker pull "$base_image" >/dev/null 2>&1 \
-    || die "base image $base_image is neither local nor pullable"
-elif have_image "$PYTHON_SLIM"; then
-  base_image="$PYTHON_SLIM"
-elif timeout 60 docker pull "$PYTHON_SLIM" >/dev/null 2>&1; then
-  base_image="$PYTHON_SLIM"
-else
-  log "$PYTHON_SLIM cannot be pulled; using the debootstrap image $DEBIAN_BASE"
-  if ! have_image "$DEBIAN_BASE"; then
-    if ! command -v debootstrap >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-      log "installing debootstrap"
-      run_logged apt-debootstrap sh -c 'apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y debootstrap'
-    fi
-    t=$SECONDS
-    "$ROOT/scripts/make-base-image.sh" "$DEBIAN_BASE" || die "scripts/make-base-image.sh failed"
-    log "  made $DEBIAN_BASE ($((SECONDS - t)) s)"
-  fi
-  base_image="$DEBIAN_BASE"
-fi
-log "base image: $base_image"
-
 # ---- 4. the images ------------------------------------------------------------------------------
+replaced=() # image IDs that this run's builds untagged; removed at the end, children first
 build() { # name dockerfile context build-args...
   local name="$1" dockerfile="$2" context="$3"; shift 3
-  local t=$SECONDS
+  local t=$SECONDS old
+  old="$(docker image inspect -f '{{.Id}}' "$name:$tag" 2>/dev/null || true)"
   log "building $name:$tag"
   docker build -f "$dockerfile" "$@" --build-arg "MODELOPT_VERSION=$version" \
     -t "$name:$tag" -t "$name:latest" "$context" || die "docker build of $name:$tag failed"
   log "  $name:$tag built ($((SECONDS - t)) s)"
+  [ -z "$old" ] || [ "$old" = "$(docker image inspect -f '{{.Id}}' "$name:$tag")" ] || replaced=("$old" "${replaced[@]}")
 }
 build airflow-modelopt-base images/base/Dockerfile "$WH/base" --build-arg "BASE_IMAGE=$base_image"
 build airflow-modelopt-torch images/torch/Dockerfile "$WH/torch" \
@@ -194,6 +197,10 @@ docker run --rm "airflow-modelopt-base:$tag" python -c 'import airflow_modelopt,
   || die "airflow-modelopt-base:$tag does not import its packages"
 docker run --rm "airflow-modelopt-torch:$tag" python -c 'import airflow_modelopt, torch, sklearn, onnxruntime' \
   || die "airflow-modelopt-torch:$tag does not import its packages"
+
+# The previous build of each image, if now untagged (else every code change would leave a
+# dangling GB behind). `docker rmi` refuses images still tagged or used by a container.
+for id in "${replaced[@]}"; do docker rmi "$id" >/dev/null 2>&1 || true; done
 
 for name in airflow-modelopt-base airflow-modelopt-torch; do
   log "$name:$tag  $(docker image inspect -f '{{.Size}}' "$name:$tag" | awk '{printf "%.0f MB", $1/1e6}')"

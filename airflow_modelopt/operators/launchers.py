@@ -281,6 +281,7 @@ class KubernetesLauncher(Launcher):
         kwargs: dict[str, Any] = {
             "namespace": settings.namespace,
             "in_cluster": settings.in_cluster,
+            "kubernetes_conn_id": settings.conn_id,
             "service_account_name": settings.service_account,
             "on_finish_action": "delete_succeeded_pod",
             "get_logs": True,

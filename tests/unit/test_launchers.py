@@ -1,0 +1,162 @@
+"""What each execution mode builds: the container command, the Docker container's environment,
+the Kubernetes pod. The pod is built with the cncf.kubernetes provider's own code; no cluster
+runs here, so these tests assert on the pod object, never on a running pod."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from airflow_modelopt.hooks.mlflow import MlflowHook, TrackingConfig
+from airflow_modelopt.operators import TorchToOnnxOperator
+from airflow_modelopt.operators.launchers import (
+    DockerLauncher,
+    KubernetesLauncher,
+    LocalLauncher,
+    command_for,
+    parse_result,
+)
+
+SECRET_ENV = {"MLFLOW_TRACKING_TOKEN": "s3cr3t-token"}
+TRACKING = TrackingConfig("http://mlflow.internal:5000", {"MLFLOW_TRACKING_URI": "http://mlflow.internal:5000"},
+                          SECRET_ENV, source="connection 'mlflow_default'")
+
+
+@pytest.fixture
+def operator():
+    return TorchToOnnxOperator(task_id="export", model_uri="runs:/r1/model/model.pt2", data_uri="runs:/r1/data/eval.npz",
+                               opset=18, kubernetes_kwargs={"node_selector": {"pool": "cpu"}})
+
+
+def _spec(operator, mode):
+    spec = operator.build_spec(None, mode=mode)
+    spec.context.image = "airflow-modelopt-torch:0.1.0"
+    return spec
+
+
+def test_command_carries_the_validated_spec(operator):
+    spec = _spec(operator, "docker")
+    argv = command_for(spec)
+    assert argv[:4] == ["airflow-modelopt", "run", "torch_to_onnx", "--spec"]
+    sent = json.loads(argv[4])
+    assert sent["model_uri"] == "runs:/r1/model/model.pt2" and sent["opset"] == 18
+    assert sent["context"]["execution_mode"] == "docker"
+    assert "s3cr3t" not in argv[4]
+
+
+def test_docker_container_gets_credentials_privately(operator):
+    docker_op = DockerLauncher(operator).build_operator(_spec(operator, "docker"), TRACKING)
+    assert docker_op.image == "airflow-modelopt-torch:0.1.0"
+    assert docker_op.command[:3] == ["airflow-modelopt", "run", "torch_to_onnx"]
+    assert docker_op.environment == {"MLFLOW_TRACKING_URI": "http://mlflow.internal:5000"}
+    assert docker_op._private_environment == SECRET_ENV
+    assert "private_environment" not in docker_op.template_fields
+    assert docker_op.do_xcom_push and docker_op.xcom_all
+
+
+def test_docker_mode_refuses_a_local_store(operator):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    local = TrackingConfig("sqlite:////tmp/mlflow.db", {"MLFLOW_TRACKING_URI": "sqlite:////tmp/mlflow.db"})
+    with pytest.raises(AirflowFailException, match="docker mode needs an MLflow tracking server over HTTP"):
+        DockerLauncher(operator).launch(_spec(operator, "docker"), local, {})
+
+
+KUBECONFIG = """
+apiVersion: v1
+kind: Config
+clusters: [{name: none, cluster: {server: "https://127.0.0.1:1"}}]
+users: [{name: none, user: {token: unused}}]
+contexts: [{name: none, context: {cluster: none, user: none}}]
+current-context: none
+"""
+
+
+def test_kubernetes_pod_has_secret_env_resources_and_result_sidecar(operator, monkeypatch, tmp_path):
+    """No cluster here: a kubeconfig naming an unreachable server lets the provider build the pod."""
+    from kubernetes.client import models as k8s
+
+    (tmp_path / "kubeconfig").write_text(KUBECONFIG)
+    operator.kubernetes_kwargs["config_file"] = str(tmp_path / "kubeconfig")
+
+    monkeypatch.setenv("AIRFLOW__MODELOPT__KUBERNETES_MLFLOW_SECRET", "mlflow-credentials")
+    monkeypatch.setenv("AIRFLOW__MODELOPT__KUBERNETES_NAMESPACE", "ml")
+    monkeypatch.setenv("AIRFLOW__MODELOPT__KUBERNETES_SERVICE_ACCOUNT", "modelopt-steps")
+    operator.kubernetes_kwargs["container_resources"] = k8s.V1ResourceRequirements(
+        requests={"cpu": "1", "memory": "2Gi"}, limits={"memory": "4Gi"})
+    pod_op = KubernetesLauncher(operator).build_operator(_spec(operator, "kubernetes"), TRACKING)
+    pod = pod_op.build_pod_request_obj()
+    assert pod.metadata.namespace == "ml"
+    assert pod.spec.service_account_name == "modelopt-steps"
+    assert pod.spec.node_selector == {"pool": "cpu"}
+    base = pod.spec.containers[0]
+    assert base.image == "airflow-modelopt-torch:0.1.0"
+    assert base.command == ["airflow-modelopt"]
+    assert base.args[:3] == ["run", "torch_to_onnx", "--spec"]
+    env = {e.name: e.value for e in base.env}
+    assert env["MLFLOW_TRACKING_URI"] == "http://mlflow.internal:5000"
+    assert "MLFLOW_TRACKING_TOKEN" not in env
+    assert [s.secret_ref.name for s in base.env_from] == ["mlflow-credentials"]
+    assert base.resources.requests == {"cpu": "1", "memory": "2Gi"}
+    # do_xcom_push: the provider adds its sidecar and the shared /airflow/xcom volume
+    assert any(c.name == "airflow-xcom-sidecar" for c in pod.spec.containers)
+    assert any(m.mount_path == "/airflow/xcom" for m in base.volume_mounts)
+    assert "s3cr3t" not in json.dumps(pod.to_dict(), default=str)
+
+
+def test_kubernetes_refuses_credentials_without_a_secret(operator, monkeypatch):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    monkeypatch.delenv("AIRFLOW__MODELOPT__KUBERNETES_MLFLOW_SECRET", raising=False)
+    with pytest.raises(AirflowFailException, match="kubernetes_mlflow_secret"):
+        KubernetesLauncher(operator).build_operator(_spec(operator, "kubernetes"), TRACKING)
+
+
+def test_local_mode_runs_the_same_entry_point(operator):
+    launcher = LocalLauncher(operator)
+    assert launcher.python()
+    operator.python = "/opt/other/bin/python"
+    assert launcher.python() == "/opt/other/bin/python"
+
+
+def test_result_is_the_last_json_line():
+    line = '{"step":"torch_to_onnx","mlflow_run_id":"r","cache_key":"k","spec_version":1}'
+    result = parse_result(["progress 1", '{"not": "a result"}', line, ""], where="test")
+    assert result.mlflow_run_id == "r"
+    with pytest.raises(Exception, match="printed no result JSON"):
+        parse_result(["only logs"], where="test")
+
+
+def test_plain_uri_connection():
+    from airflow.models.connection import Connection
+
+    conn = Connection(conn_id="mlflow_default", uri="http://127.0.0.1:5000")
+    cfg = MlflowHook.config_from_connection(conn)
+    assert cfg.tracking_uri == "http://127.0.0.1:5000"
+    assert cfg.secret_env == {}
+
+
+def test_user_password_and_token_connections():
+    from airflow.models.connection import Connection
+
+    basic = MlflowHook.config_from_connection(
+        Connection(conn_id="mlflow_default", uri="https://alice:pa%24%24@mlflow.example.com/tracking"))
+    assert basic.tracking_uri == "https://mlflow.example.com/tracking"
+    assert basic.secret_env == {"MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": "pa$$"}
+    assert "pa$$" not in repr(basic)
+    token = MlflowHook.config_from_connection(
+        Connection(conn_id="mlflow_default", conn_type="mlflow", host="mlflow.example.com", port=443,
+                   extra=json.dumps({"token": "tok", "scheme": "https"})))
+    assert token.tracking_uri == "https://mlflow.example.com:443"
+    assert token.secret_env == {"MLFLOW_TRACKING_TOKEN": "tok"}
+    explicit = MlflowHook.config_from_connection(
+        Connection(conn_id="mlflow_default", conn_type="mlflow", extra=json.dumps({"tracking_uri": "sqlite:////d/m.db"})))
+    assert explicit.tracking_uri == "sqlite:////d/m.db"
+
+
+def test_connection_without_host_is_refused():
+    from airflow.models.connection import Connection
+
+    with pytest.raises(ValueError, match="has no host"):
+        MlflowHook.config_from_connection(Connection(conn_id="mlflow_default", conn_type="mlflow"))
