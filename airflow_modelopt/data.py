@@ -42,8 +42,6 @@ def match_inputs(arrays: dict[str, np.ndarray], input_names: list[str], *, field
             matched[name] = features[name]
         elif len(input_names) == 1 and SINGLE_INPUT_KEY in features:
             matched[name] = features[SINGLE_INPUT_KEY]
-        elif len(input_names) == 1 and len(features) == 1:
-            matched[name] = next(iter(features.values()))
         else:
             raise InputError(
                 f"{field}: the model has input {name!r} but the data artifact has arrays "

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import collections
 import inspect
+import re
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -158,18 +160,37 @@ def export(module: Any, samples: dict[str, np.ndarray], names: list[str], output
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "model.onnx"
     try:
-        program = torch.onnx.export(
-            module, args, str(path), input_names=names, output_names=output_names,
-            opset_version=spec.opset, dynamic_axes=dynamic_axes or None, dynamo=dynamo,
-            external_data=True, verbose=False, **({"optimize": True} if dynamo else {}),
-        )
+        with warnings.catch_warnings():
+            # An unlifted ExportedProgram has no eval(); dynamic_axes is converted for us on purpose.
+            warnings.filterwarnings("ignore", message=".*(training mode|'dynamic_axes' is not recommended).*")
+            program = torch.onnx.export(
+                module, args, str(path), input_names=names, output_names=output_names,
+                opset_version=spec.opset, dynamic_axes=dynamic_axes or None, dynamo=dynamo,
+                external_data=True, verbose=False, **({"optimize": True} if dynamo else {}),
+            )
         if program is not None and not path.exists():
             program.save(str(path), external_data=True)
     except Exception as exc:  # noqa: BLE001 - the exporter's own message names the op
-        text = str(exc).strip()
         exporter = "torch.onnx.export (dynamo)" if dynamo else "torch.onnx.export (TorchScript)"
-        raise ConversionFailed(f"{exporter} failed at opset {spec.opset}: {type(exc).__name__}: {text[:3000]}") from None
+        raise ConversionFailed(f"{exporter} failed at opset {spec.opset}: {summarize_export_error(exc)}") from None
     return path
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_DIM_REFS = (re.compile(r"inputs\['([^']+)'\]\.shape\[(\d+)\]"), re.compile(r"L\['([^']+)'\]\.size\(\)\[(\d+)\]"))
+
+
+def summarize_export_error(exc: BaseException) -> str:
+    """The exporter's own summary (it names the op or the dimension), without its boilerplate."""
+    text = _ANSI.sub("", str(exc)).strip()
+    if "## Exception summary" in text:
+        text = text.split("## Exception summary", 1)[1].split("(Refer to the full stack trace", 1)[0].strip()
+    text = text[:2000]
+    for pattern in _DIM_REFS:
+        match = pattern.search(text)
+        if match:
+            return f"input {match.group(1)!r} dimension {match.group(2)} cannot be exported as requested: {text}"
+    return f"{type(exc).__name__}: {text}"
 
 
 def graph_stats(path: Path) -> dict[str, Any]:
@@ -226,10 +247,11 @@ def compare(module: Any, session: Any, samples: dict[str, np.ndarray], names: li
             for i in stats["inputs"] for d, dim in enumerate(i["shape"])
             if isinstance(dim, int) and i["name"] in feeds and feeds[i["name"]].shape[d] != dim
         ]
-        where = "; ".join(fixed) or f"inputs {({n: list(a.shape) for n, a in feeds.items()})}"
+        where = "; ".join(fixed) or ", ".join(
+            f"input {n!r} dimension 0 = {batch} (the export example used {spec.export_batch_size})" for n in feeds
+        )
         raise GateFailed(
-            f"ONNX Runtime failed at batch size {batch} (export used {spec.export_batch_size}): {where}. "
-            f"ORT said: {str(exc).splitlines()[0][:500]}"
+            f"ONNX Runtime failed at batch size {batch}: {where}. ORT said: {str(exc).splitlines()[0][:500]}"
         ) from None
     ref = torch_outputs(module, feeds, names)
     metrics: dict[str, float] = {}

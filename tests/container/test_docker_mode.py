@@ -1,0 +1,78 @@
+"""Docker mode with a real Docker engine and the project's images (`make images`).
+
+The tracking server runs on the host's loopback, so containers use host networking
+([modelopt] docker_network_mode=host) and reach it over HTTP: no shared disk.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from airflow_modelopt import __version__
+from tests.conftest import REPO, make_airflow_home
+from tests.integration.test_dag_local import DAG_ID, step_runs_of_latest_dag_run
+
+TORCH_IMAGE = f"airflow-modelopt-torch:{__version__}"
+
+
+@pytest.fixture(scope="module")
+def images(docker_engine):
+    proc = subprocess.run(["docker", "image", "inspect", TORCH_IMAGE, "--format", "{{.Id}}"],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.fail(f"image {TORCH_IMAGE} is not built; run `make images` first")
+    return {"torch": proc.stdout.strip()}
+
+
+@pytest.fixture(scope="module")
+def docker_home(tmp_path_factory, mlflow_server, images):
+    return make_airflow_home(tmp_path_factory.mktemp("airflow-docker"), {
+        "AIRFLOW_CONN_MLFLOW_DEFAULT": mlflow_server.uri,
+        "AIRFLOW__MODELOPT__DOCKER_NETWORK_MODE": "host",
+    })
+
+
+def test_dag_runs_in_docker_and_records_image_and_digest(docker_home, mlflow_server, images):
+    proc = docker_home.run("dags", "test", DAG_ID, "-c", json.dumps({"epochs": 4, "execution_mode": "docker"}))
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "Starting docker container from image airflow-modelopt-torch" in proc.stdout + proc.stderr
+    _, steps = step_runs_of_latest_dag_run(mlflow_server.client(), DAG_ID)
+    assert set(steps) == {"train", "torch_to_onnx"}
+    for run in steps.values():
+        tags = run.data.tags
+        assert tags["modelopt.execution_mode"] == "docker"
+        assert tags["modelopt.image"] == TORCH_IMAGE
+        assert tags["modelopt.image_digest"] == images["torch"]
+    export = steps["torch_to_onnx"]
+    assert export.data.metrics["max_abs_error_batch_1"] < 1e-4
+    assert export.data.metrics["max_abs_error_batch_7"] < 1e-4
+
+
+def test_failing_container_fails_the_task_with_its_last_log_lines(tmp_path_factory, mlflow_server, images):
+    home = make_airflow_home(tmp_path_factory.mktemp("airflow-failing"), {
+        "AIRFLOW_CONN_MLFLOW_DEFAULT": mlflow_server.uri,
+        "AIRFLOW__MODELOPT__DOCKER_NETWORK_MODE": "host",
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "tests" / "container" / "dags"),
+    })
+    proc = home.run("dags", "test", "modelopt_test_failing_container")
+    out = proc.stdout + proc.stderr
+    assert "DagRun failed" in out or proc.returncode != 0, out[-3000:]
+    assert f"step torch_to_onnx failed in container {TORCH_IMAGE} (exit code 2: bad spec or input; not retried)" in out
+    assert "Last log lines:" in out
+    assert "modelopt: error: model_uri: cannot read runs:/00000000000000000000000000000000/model/model.pt2" in out
+    # AirflowFailException: the task fails at once although it has retries=2
+    assert "up_for_retry" not in out.lower()
+
+
+def test_missing_image_gives_one_clear_error(tmp_path_factory, mlflow_server, images):
+    home = make_airflow_home(tmp_path_factory.mktemp("airflow-noimage"), {
+        "AIRFLOW_CONN_MLFLOW_DEFAULT": mlflow_server.uri,
+        "AIRFLOW__MODELOPT__IMAGE_TAG": "no-such-tag",
+    })
+    proc = home.run("dags", "test", DAG_ID, "-c", json.dumps({"epochs": 1, "execution_mode": "docker"}))
+    out = proc.stdout + proc.stderr
+    assert "image 'airflow-modelopt-torch:no-such-tag' is not present on the Docker engine and could not be pulled" in out
+    assert "make images" in out
