@@ -1,0 +1,44 @@
+"""Print what the demo's DAG run left in MLflow: runs, metrics, artifacts, and how to look."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from mlflow import MlflowClient
+
+DAG_ID = "modelopt_retrain_and_optimize"
+SHOWN = ("eval_accuracy", "train_time_s", "export_time_s", "max_abs_error_batch_1", "max_abs_error_batch_7",
+         "data_max_abs_error", "onnx_bytes", "onnx_node_count", "onnx_param_count")
+
+
+def main(airflow_home: str) -> int:
+    db = Path(airflow_home, "modelopt", "mlflow.db")
+    uri = f"sqlite:///{db}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(DAG_ID)
+    if exp is None:
+        print(f"no experiment {DAG_ID!r} in {uri}", file=sys.stderr)
+        return 1
+    parent = client.search_runs([exp.experiment_id], "tags.`modelopt.role` = 'dag_run'",
+                                order_by=["attributes.start_time DESC"], max_results=1)[0]
+    print(f"\nMLflow store: {uri}")
+    print(f"Parent run {parent.info.run_id}  (DAG run {parent.data.tags.get('airflow.run_id')})")
+    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
+                                  order_by=["attributes.start_time ASC"])
+    for run in children:
+        tags = run.data.tags
+        hit = " (cache hit)" if tags.get("modelopt.cache_hit") == "true" else ""
+        print(f"  {tags.get('airflow.task_id'):<14} run {run.info.run_id}  {run.info.status}{hit}")
+        for key in SHOWN:
+            if key in run.data.metrics:
+                print(f"      {key:<24} {run.data.metrics[key]:.6g}")
+        for model in client.search_logged_models([exp.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'"):
+            print(f"      logged model {model.name}: models:/{model.model_id}")
+    print("\nSee it in the MLflow UI:")
+    print(f"  .venv/bin/mlflow ui --backend-store-uri {uri} --port 5000   # then open http://127.0.0.1:5000")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1]))
