@@ -200,6 +200,7 @@ class ModelOptOperator(BaseOperator):
         except SpecError as exc:
             raise AirflowFailException(str(exc)) from None
         tracking = self.mlflow_hook.tracking_config()
+        tracking.public_env.setdefault("MODELOPT_MLFLOW_CONNECT_RETRIES", config.get("mlflow_connect_retries"))
         self.log.info(
             "Running step %s in %s mode; MLflow: %s (%s)", spec.step, mode, tracking.tracking_uri, tracking.source
         )
