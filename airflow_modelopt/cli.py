@@ -4,7 +4,8 @@ It validates the spec, runs the step, prints the result JSON as the last stdout 
 it to /airflow/xcom/return.json when that folder exists (the Kubernetes result channel). Logs go
 to stderr. Exit codes (airflow_modelopt.exceptions): 0 done, 2 bad spec or input (do not retry),
 3 a gate failed and 5 a converter refused the model (neither retried),
-4 MLflow unreachable, 1 any other failure.
+6 this worker cannot run the step (no GPU; not retried), 4 MLflow unreachable, 1 any
+other failure.
 """
 
 from __future__ import annotations

@@ -44,6 +44,15 @@ class ConversionFailed(ModelOptError):
     retryable = False
 
 
+class UnsupportedHere(ModelOptError):
+    """This worker cannot run the step at all (no GPU, a framework that is not installed).
+
+    Retrying on the same kind of worker cannot help; the branch fails with the reason."""
+
+    exit_code = 6
+    retryable = False
+
+
 class TrackingUnavailable(ModelOptError):
     """The MLflow tracking server could not be reached after retries."""
 
@@ -64,6 +73,7 @@ EXIT_BAD_INPUT = SpecError.exit_code
 EXIT_GATE_FAILED = GateFailed.exit_code
 EXIT_TRACKING_UNAVAILABLE = TrackingUnavailable.exit_code
 EXIT_CONVERSION_FAILED = ConversionFailed.exit_code
+EXIT_UNSUPPORTED_HERE = UnsupportedHere.exit_code
 
 #: Exit codes after which retrying the same spec cannot help.
-NON_RETRYABLE_EXIT_CODES = frozenset({EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_CONVERSION_FAILED})
+NON_RETRYABLE_EXIT_CODES = frozenset({EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_CONVERSION_FAILED, EXIT_UNSUPPORTED_HERE})
