@@ -1,0 +1,100 @@
+"""Spec of the TFLite conversion and quantization step."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from airflow_modelopt.specs.base import ArtifactUri, StepSpec
+
+TFLiteMode = Literal["fp32", "fp16", "dynamic_int8", "int8"]
+TFLiteSourceFormat = Literal["auto", "pytorch", "onnx", "tensorflow"]
+TFLiteIOType = Literal["int8", "uint8", "float32"]
+
+
+class TFLiteQuantizeSpec(StepSpec):
+    """Convert a PyTorch, ONNX or TensorFlow/Keras model to TFLite, optionally quantized."""
+
+    image_family: ClassVar[str] = "tensorflow"
+    input_fields: ClassVar[tuple[str, ...]] = ("model_uri", "calibration_data_uri")
+
+    step: Literal["tflite_quantize"] = "tflite_quantize"
+    model_uri: ArtifactUri = Field(
+        description="Source model: a torch.export ExportedProgram (.pt2) or MLflow pytorch model "
+        "(converted with litert-torch); an ONNX model (.onnx file, a folder with model.onnx and its "
+        "external data, or an MLflow onnx model; converted with onnx2tf); or a TensorFlow SavedModel "
+        "folder, Keras file (.keras/.h5) or MLflow tensorflow model (converted with TFLiteConverter)"
+    )
+    mode: TFLiteMode = Field(
+        description="fp32 (no quantization), fp16 (float16 weights), dynamic_int8 (int8 weights, "
+        "activations quantized at run time) or int8 (full integer: int8 weights and activations, "
+        "integer-only ops, calibrated on calibration_data_uri)"
+    )
+    calibration_data_uri: ArtifactUri | None = Field(
+        None,
+        description=".npz with one array per model input (keyed by input name, or x for a single "
+        "input), in the source model's layout (NCHW for PyTorch/ONNX images; the step transposes "
+        "for NHWC models). Required for mode int8 (its representative dataset); otherwise used to "
+        "check the TFLite model against the source",
+    )
+    source_format: TFLiteSourceFormat = Field(
+        "auto", description="Which converter path to take; auto detects it from the model artifact"
+    )
+    io_type: TFLiteIOType = Field(
+        "int8",
+        description="Input and output tensor type of a full int8 model (mode int8 only): int8, "
+        "uint8, or float32 (quantize/dequantize ops at the edges)",
+    )
+    per_channel: bool = Field(True, description="Per-channel (per output channel) weight scales for int8 modes")
+    calibration_samples: int = Field(
+        500, ge=1, le=100_000,
+        description="At most this many samples of the calibration data form the representative dataset",
+    )
+    allow_select_tf_ops: bool = Field(
+        False,
+        description="TensorFlow and ONNX paths: let ops without a TFLite builtin run as Flex "
+        "(SELECT_TF_OPS) ops, which need the Flex delegate at run time. Off: such an op fails the "
+        "conversion, naming the op",
+    )
+    keep_nchw: bool = Field(
+        False,
+        description="ONNX path: keep channel-first inputs (onnx2tf inserts transposes) instead of "
+        "converting them to channel-last (NHWC); the PyTorch path always keeps NCHW",
+    )
+    batch_size: int | None = Field(
+        None, ge=1, le=4096,
+        description="Fix the batch dimension of the TFLite model. Default: dynamic where the "
+        "converter keeps it (ONNX, TensorFlow), 1 on the PyTorch path (litert-torch traces a fixed batch)",
+    )
+    check_samples: int = Field(
+        64, ge=0, le=10_000,
+        description="Calibration samples run through both the source and the TFLite model to log "
+        "their agreement (max_abs_error, top1_agreement); 0 skips the check",
+    )
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> TFLiteQuantizeSpec:
+        if self.mode == "int8" and not self.calibration_data_uri:
+            raise ValueError(
+                "calibration_data_uri is required for mode='int8': full integer quantization draws its "
+                "representative dataset from calibration data (never random data); give "
+                "calibration_data_uri (an .npz keyed by input name, or x) or choose mode fp32, fp16 or "
+                "dynamic_int8"
+            )
+        if self.mode != "int8" and "io_type" in self.model_fields_set and self.io_type != "float32":
+            raise ValueError(
+                f"io_type={self.io_type!r} applies to mode='int8' only; mode={self.mode!r} keeps float32 "
+                "inputs and outputs"
+            )
+        if self.keep_nchw and self.source_format in ("pytorch", "tensorflow"):
+            raise ValueError(
+                f"keep_nchw applies to ONNX sources only, but source_format={self.source_format!r} "
+                "(litert-torch keeps NCHW by itself; TensorFlow models keep their own layout)"
+            )
+        if self.allow_select_tf_ops and self.source_format == "pytorch":
+            raise ValueError(
+                "allow_select_tf_ops applies to the TensorFlow and ONNX paths only; litert-torch "
+                "(source_format='pytorch') never emits Flex ops"
+            )
+        return self

@@ -1,0 +1,417 @@
+"""tflite_quantize against a real MLflow server over HTTP, in local mode (the entry point as a
+subprocess), on the example digits CNN through each converter path:
+
+- PyTorch (.pt2 for fp32, the MLflow pytorch model for int8) -> litert-torch, in the separate litert venv
+  (``scripts/make-litert-venv.sh``; litert-torch cannot share .venv with Airflow). Those tests
+  skip, saying so, when that venv does not exist.
+- ONNX (the MLflow onnx model) -> onnx2tf -> TFLiteConverter, in this venv.
+- Keras (the same network with the same weights, rebuilt channel-last) -> TFLiteConverter.
+
+Each TFLite model is checked here with the LiteRT interpreter, fed as its recorded signature says
+(NHWC where it records NHWC, quantized where it records int8/uint8), against torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO, MlflowServer, StepRun
+
+LITERT_PYTHON = Path(os.environ.get("MODELOPT_LITERT_PYTHON", REPO / ".venv-litert" / "bin" / "python"))
+EXPERIMENT = "tests-tflite-quantize"
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def run_tflite_step(spec: dict[str, Any], server: MlflowServer, *, python: str | Path = sys.executable,
+                    experiment: str = EXPERIMENT, timeout: float = 600) -> StepRun:
+    """``<python> -m airflow_modelopt run tflite_quantize --spec -`` as tests/conftest.py's run_step,
+    with a chosen interpreter (the litert venv for the PyTorch path)."""
+    spec = {**spec, "context": {"experiment_name": experiment, "force": True}}
+    proc = subprocess.run(
+        [str(python), "-m", "airflow_modelopt", "run", "tflite_quantize", "--spec", "-"],
+        input=json.dumps(spec), capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, **server.env(), "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    result = json.loads(lines[-1]) if proc.returncode == 0 and lines else None
+    return StepRun(proc.returncode, proc.stdout + proc.stderr, result)
+
+
+def ok(run: StepRun) -> dict[str, Any]:
+    assert run.returncode == 0, run.output[-4000:]
+    assert run.result is not None
+    return run.result
+
+
+def error_line(run: StepRun) -> str:
+    """The entry point's error message (it may span several lines), without the prefix."""
+    head, sep, message = run.output.rpartition("modelopt: error:")
+    assert sep, run.output[-3000:]
+    return " ".join(message.split())
+
+
+@pytest.fixture(scope="session")  # session: decided before the session fixtures train anything
+def litert_python() -> Path:
+    if not LITERT_PYTHON.exists():
+        pytest.skip(
+            f"the PyTorch -> TFLite path runs in the litert venv ({LITERT_PYTHON}), which does not exist: "
+            "create it with scripts/make-litert-venv.sh (litert-torch pins pydantic below Airflow's)"
+        )
+    return LITERT_PYTHON
+
+
+def download(uri: str, server: MlflowServer, dest: Path) -> Path:
+    import mlflow
+
+    mlflow.set_tracking_uri(server.uri)
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
+
+
+def tflite_folder(result: dict[str, Any], server: MlflowServer, dest: Path) -> Path:
+    uri = result["artifacts"]["tflite_model"]
+    assert uri.startswith("runs:/") and uri.endswith("/tflite_model"), uri
+    folder = download(uri, server, dest)
+    assert sorted(p.name for p in folder.iterdir()) == ["model.tflite", "modelopt_signature.json"]
+    return folder
+
+
+def run_tflite(folder: Path, x_nchw: np.ndarray) -> np.ndarray:
+    """Logits of the TFLite model for NCHW float images, fed as its signature file says."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    sig = json.loads((folder / "modelopt_signature.json").read_text())
+    (inp,), (out,) = sig["inputs"], sig["outputs"]
+    x = x_nchw
+    if inp["layout"] == "NHWC":
+        assert sig["source_layout"] == "NCHW"
+        x = x.transpose(0, 2, 3, 1)
+    if inp["dtype"] in ("int8", "uint8"):
+        q = inp["quantization"]
+        info = np.iinfo(inp["dtype"])
+        x = np.clip(np.rint(x / q["scale"]) + q["zero_point"], info.min, info.max)
+    x = np.ascontiguousarray(x.astype(inp["dtype"]))
+    it = Interpreter(model_path=str(folder / "model.tflite"), num_threads=1)
+    in_index = {d["name"]: d["index"] for d in it.get_input_details()}[inp["name"]]
+    out_index = {d["name"]: d["index"] for d in it.get_output_details()}[out["name"]]
+    batch = inp["shape"][0] or len(x)
+    it.resize_tensor_input(in_index, [batch, *x.shape[1:]], strict=False)
+    it.allocate_tensors()
+    outs = []
+    for start in range(0, len(x), batch):
+        part = x[start:start + batch]
+        got = len(part)
+        if got < batch:
+            part = np.concatenate([part, np.repeat(part[-1:], batch - got, axis=0)])
+        it.set_tensor(in_index, part)
+        it.invoke()
+        outs.append(it.get_tensor(out_index)[:got].copy())
+    y = np.concatenate(outs)
+    if out["dtype"] in ("int8", "uint8"):
+        q = out["quantization"]
+        y = (y.astype(np.float32) - q["zero_point"]) * q["scale"]
+    return y
+
+
+@pytest.fixture(scope="module")
+def reference(example_model: dict[str, Any], mlflow_server: MlflowServer, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The example model's .pt2 (as torch runs it) and its eval data."""
+    import torch
+
+    root = tmp_path_factory.mktemp("tflite-reference")
+    pt2 = download(example_model["artifacts"]["model_pt2"], mlflow_server, root / "pt2")
+    data = np.load(download(example_model["artifacts"]["eval_data"], mlflow_server, root / "eval"))
+    program = torch.export.load(str(pt2))
+    with torch.no_grad():
+        logits = program.module()(torch.from_numpy(data["x"])).numpy()
+    return {"pt2": pt2, "program": program, "x": data["x"], "y": data["y"], "logits": logits}
+
+
+def accuracy(logits: np.ndarray, y: np.ndarray) -> float:
+    return float((logits.argmax(1) == y).mean())
+
+
+def measured(label: str, result: dict[str, Any], logits: np.ndarray, reference: dict[str, Any]) -> None:
+    """One line of the numbers the issue note reports (``pytest -s ... | grep TFLITE-MEASURE``)."""
+    m = result["metrics"]
+    torch_acc = accuracy(reference["logits"], reference["y"])
+    acc = accuracy(logits, reference["y"])
+    print(f"TFLITE-MEASURE {label:<28} bytes={int(m['tflite_bytes']):>7} source={int(m['source_bytes']):>7} "
+          f"size_ratio={m['size_ratio']:.3f} accuracy={acc:.4f} (torch {torch_acc:.4f}, drop {torch_acc - acc:+.4f}) "
+          f"float_ops={int(m['float_op_count'])} conversion_s={m['conversion_time_s']:.1f}")
+
+
+def assert_failed_without_artifact(server: MlflowServer, experiment: str) -> None:
+    """Every run of the experiment failed, and none holds a tflite_model artifact."""
+    client = server.client()
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None
+    runs = client.search_runs([exp.experiment_id])
+    assert runs
+    for run in runs:
+        assert run.info.status == "FAILED"
+        assert run.data.tags.get("modelopt.status") == "failed"
+        assert "modelopt.error" in run.data.tags
+        assert "tflite_model" not in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+# -- PyTorch path (litert venv) -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pt_fp32(litert_python, example_model, mlflow_server) -> dict[str, Any]:
+    spec = {"model_uri": example_model["artifacts"]["model_pt2"], "mode": "fp32",
+            "calibration_data_uri": example_model["artifacts"]["calibration_data"]}
+    return ok(run_tflite_step(spec, mlflow_server, python=litert_python))
+
+
+@pytest.fixture(scope="module")
+def pt_int8(litert_python, example_model, mlflow_server) -> dict[str, Any]:
+    """Full int8 from the MLflow pytorch model (the other PyTorch input kind)."""
+    spec = {"model_uri": example_model["artifacts"]["pytorch_model"], "mode": "int8", "io_type": "int8",
+            "calibration_data_uri": example_model["artifacts"]["calibration_data"]}
+    return ok(run_tflite_step(spec, mlflow_server, python=litert_python))
+
+
+def test_pytorch_fp32_matches_torch_and_keeps_nchw(pt_fp32, reference, mlflow_server, tmp_path):
+    folder = tflite_folder(pt_fp32, mlflow_server, tmp_path)
+    logits = run_tflite(folder, reference["x"])
+    assert np.max(np.abs(logits - reference["logits"])) < 1e-4
+    measured("pytorch .pt2 fp32", pt_fp32, logits, reference)
+    info = pt_fp32["info"]
+    assert info["conversion_path"] == "litert_torch" and info["source_kind"] == "exported_program"
+    run = mlflow_server.client().get_run(pt_fp32["mlflow_run_id"])
+    assert run.data.tags["modelopt.tflite.path"] == "litert_torch"
+    sig = json.loads((folder / "modelopt_signature.json").read_text())
+    assert sig["format"] == "tflite" and sig["source_layout"] == "NCHW"
+    assert sig["inputs"][0]["layout"] == "NCHW" and sig["inputs"][0]["shape"] == [1, 1, 8, 8]
+    assert sig["inputs"][0]["source_name"] == "x" and sig["inputs"][0]["quantization"] is None
+    assert info["layout_change"] == {} and info["signature"] == sig
+    m = pt_fp32["metrics"]
+    assert m["float_op_count"] == m["op_count"] > 0 and m["flex_op_count"] == 0 and m["custom_op_count"] == 0
+    assert m["tflite_bytes"] == (folder / "model.tflite").stat().st_size
+    assert m["size_ratio"] == pytest.approx(m["tflite_bytes"] / m["source_bytes"])
+    assert m["max_abs_error"] < 1e-4 and m["top1_agreement"] == 1.0 and m["conversion_time_s"] > 0
+
+
+def test_pytorch_full_int8_keeps_accuracy_and_is_3x_smaller(pt_fp32, pt_int8, reference, mlflow_server, tmp_path):
+    fp32 = run_tflite(tflite_folder(pt_fp32, mlflow_server, tmp_path / "fp32"), reference["x"])
+    folder = tflite_folder(pt_int8, mlflow_server, tmp_path / "int8")
+    int8 = run_tflite(folder, reference["x"])
+    measured("pytorch mlflow int8 (int8 io)", pt_int8, int8, reference)
+    assert pt_int8["info"]["source_kind"] == "mlflow_pytorch" and pt_int8["info"]["conversion_path"] == "litert_torch"
+    assert accuracy(int8, reference["y"]) >= accuracy(fp32, reference["y"]) - 0.02
+    assert pt_fp32["metrics"]["tflite_bytes"] / pt_int8["metrics"]["tflite_bytes"] >= 3.0
+    sig = json.loads((folder / "modelopt_signature.json").read_text())
+    for tensor in (sig["inputs"][0], sig["outputs"][0]):
+        assert tensor["dtype"] == "int8"
+        assert tensor["quantization"]["scale"] > 0 and -128 <= tensor["quantization"]["zero_point"] <= 127
+    # inputs in [0, 1]: the calibrated input range maps 0 to -128
+    assert sig["inputs"][0]["quantization"]["zero_point"] == -128
+    assert sig["inputs"][0]["layout"] == "NCHW"
+    m = pt_int8["metrics"]
+    assert m["float_op_count"] == 0 and m["quantize_op_count"] == 0 and m["calibration_samples"] == 200
+    assert pt_int8["info"]["io_type"] == "int8" and pt_int8["info"]["quantizer"] == "ai_edge_quantizer"
+
+
+# -- ONNX path -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def onnx_fp32(example_onnx, example_model, mlflow_server) -> dict[str, Any]:
+    spec = {"model_uri": example_onnx["artifacts"]["onnx_model"], "mode": "fp32",
+            "calibration_data_uri": example_model["artifacts"]["calibration_data"]}
+    return ok(run_tflite_step(spec, mlflow_server))
+
+
+def test_onnx_fp32_matches_torch_fed_nhwc(onnx_fp32, reference, mlflow_server, tmp_path):
+    folder = tflite_folder(onnx_fp32, mlflow_server, tmp_path)
+    sig = json.loads((folder / "modelopt_signature.json").read_text())
+    assert sig["source_layout"] == "NCHW"
+    assert sig["inputs"][0]["layout"] == "NHWC" and sig["inputs"][0]["shape"] == [None, 8, 8, 1]
+    assert onnx_fp32["info"]["layout_change"] == {"x": "NCHW->NHWC"}
+    assert onnx_fp32["info"]["conversion_path"] == "onnx2tf" and onnx_fp32["info"]["source_kind"] == "mlflow_onnx"
+    run = mlflow_server.client().get_run(onnx_fp32["mlflow_run_id"])
+    assert run.data.tags["modelopt.tflite.path"] == "onnx2tf"
+    logits = run_tflite(folder, reference["x"])  # transposed to NHWC as the signature says
+    measured("onnx fp32", onnx_fp32, logits, reference)
+    assert np.max(np.abs(logits - reference["logits"])) < 1e-4
+    assert onnx_fp32["metrics"]["max_abs_error"] < 1e-4
+
+
+def test_onnx_full_int8_with_uint8_io(onnx_fp32, example_onnx, example_model, reference, mlflow_server, tmp_path):
+    spec = {"model_uri": example_onnx["artifacts"]["onnx_model"], "mode": "int8", "io_type": "uint8",
+            "calibration_data_uri": example_model["artifacts"]["calibration_data"]}
+    result = ok(run_tflite_step(spec, mlflow_server))
+    folder = tflite_folder(result, mlflow_server, tmp_path / "int8")
+    sig = json.loads((folder / "modelopt_signature.json").read_text())
+    assert sig["inputs"][0]["dtype"] == "uint8" and sig["inputs"][0]["layout"] == "NHWC"
+    assert 0 <= sig["inputs"][0]["quantization"]["zero_point"] <= 255 and sig["outputs"][0]["dtype"] == "uint8"
+    fp32 = run_tflite(tflite_folder(onnx_fp32, mlflow_server, tmp_path / "fp32"), reference["x"])
+    int8 = run_tflite(folder, reference["x"])
+    measured("onnx int8 (uint8 io)", result, int8, reference)
+    assert accuracy(int8, reference["y"]) >= accuracy(fp32, reference["y"]) - 0.02
+    assert onnx_fp32["metrics"]["tflite_bytes"] / result["metrics"]["tflite_bytes"] >= 3.0
+    assert result["metrics"]["float_op_count"] == 0
+
+
+# -- Keras / TensorFlow path ------------------------------------------------------------------
+
+
+def keras_copy_of_example(program: Any, path: Path) -> Path:
+    """The example CNN in Keras (channel-last) with the torch model's weights."""
+    import keras
+
+    w = {k: v.detach().numpy() for k, v in program.state_dict.items()}
+    model = keras.Sequential([
+        keras.Input((8, 8, 1), name="x"),
+        keras.layers.Conv2D(16, 3, padding="same", activation="relu"),
+        keras.layers.Conv2D(32, 3, padding="same", activation="relu"),
+        keras.layers.MaxPooling2D(2),
+        keras.layers.Flatten(),
+        keras.layers.Dense(64, activation="relu"),
+        keras.layers.Dense(10),
+    ])
+    conv1, conv2, _, _, dense1, dense2 = model.layers
+    conv1.set_weights([w["features.0.weight"].transpose(2, 3, 1, 0), w["features.0.bias"]])
+    conv2.set_weights([w["features.2.weight"].transpose(2, 3, 1, 0), w["features.2.bias"]])
+    # torch flattens (C, H, W), Keras (H, W, C)
+    kernel = w["classifier.1.weight"].reshape(64, 32, 4, 4).transpose(2, 3, 1, 0).reshape(512, 64)
+    dense1.set_weights([kernel, w["classifier.1.bias"]])
+    dense2.set_weights([w["classifier.3.weight"].T, w["classifier.3.bias"]])
+    model.save(path)
+    return path
+
+
+def test_keras_model_fp32_matches_torch_and_fp16_is_half(reference, mlflow_server, tmp_path):
+    keras_file = keras_copy_of_example(reference["program"], tmp_path / "digits.keras")
+    nhwc = np.ascontiguousarray(reference["x"].transpose(0, 2, 3, 1))
+    np.savez(tmp_path / "calibration.npz", x=nhwc[:100])
+    fp32 = ok(run_tflite_step({"model_uri": str(keras_file), "mode": "fp32",
+                               "calibration_data_uri": str(tmp_path / "calibration.npz")}, mlflow_server))
+    assert fp32["info"]["conversion_path"] == "tflite_converter" and fp32["info"]["source_kind"] == "keras"
+    folder = tflite_folder(fp32, mlflow_server, tmp_path / "fp32")
+    sig = json.loads((folder / "modelopt_signature.json").read_text())
+    assert sig["source_layout"] == "NHWC" and sig["inputs"][0]["layout"] == "NHWC"
+    assert fp32["info"]["layout_change"] == {}
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_path=str(folder / "model.tflite"))
+    runner = it.get_signature_runner()
+    logits = next(iter(runner(x=nhwc).values()))
+    assert np.max(np.abs(logits - reference["logits"])) < 1e-4
+    measured("keras fp32", fp32, logits, reference)
+    fp16 = ok(run_tflite_step({"model_uri": str(keras_file), "mode": "fp16"}, mlflow_server))
+    ratio = fp16["metrics"]["tflite_bytes"] / fp32["metrics"]["tflite_bytes"]
+    assert 0.4 <= ratio <= 0.6, ratio
+    assert fp16["info"]["check"] == "skipped: no calibration data"
+    it = Interpreter(model_path=str(tflite_folder(fp16, mlflow_server, tmp_path / "fp16") / "model.tflite"))
+    half = next(iter(it.get_signature_runner()(x=nhwc).values()))
+    measured("keras fp16", fp16, half, reference)
+    assert np.max(np.abs(half - reference["logits"])) < 0.05
+    assert accuracy(half, reference["y"]) == accuracy(reference["logits"], reference["y"])
+
+
+# -- bad input ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("arrays", "expected"),
+    [
+        ({"image": np.zeros((4, 1, 8, 8), np.float32)}, ["calibration_data_uri", "input 'x'", "['image']"]),
+        ({"x": np.zeros((4, 3, 8, 8), np.float32)}, ["calibration_data_uri", "'x'", "dimension 1 is 3, expected 1"]),
+        ({"x": np.zeros((0, 1, 8, 8), np.float32)}, ["calibration_data_uri", "empty"]),
+    ],
+    ids=["wrong-name", "wrong-shape", "empty"],
+)
+def test_calibration_data_that_does_not_fit_is_refused(arrays, expected, example_onnx, mlflow_server, tmp_path, request):
+    np.savez(tmp_path / "calibration.npz", **arrays)
+    experiment = f"{EXPERIMENT}-{request.node.callspec.id}"
+    run = run_tflite_step({"model_uri": example_onnx["artifacts"]["onnx_model"], "mode": "int8",
+                           "calibration_data_uri": str(tmp_path / "calibration.npz")}, mlflow_server,
+                          experiment=experiment)
+    assert run.returncode == 2, run.output[-3000:]
+    message = error_line(run)
+    for part in expected:
+        assert part in message, message
+    assert_failed_without_artifact(mlflow_server, experiment)
+
+
+def test_full_int8_without_calibration_data_is_refused_before_anything_runs(example_onnx, mlflow_server):
+    experiment = f"{EXPERIMENT}-no-calibration"
+    run = run_tflite_step({"model_uri": example_onnx["artifacts"]["onnx_model"], "mode": "int8"}, mlflow_server,
+                          experiment=experiment)
+    assert run.returncode == 2
+    assert "calibration_data_uri is required for mode='int8'" in error_line(run)
+    assert mlflow_server.client().get_experiment_by_name(experiment) is None  # nothing ran, nothing logged
+
+
+def test_op_litert_torch_cannot_lower_is_named(litert_python, mlflow_server, tmp_path):
+    import torch
+
+    class Bessel(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.special.bessel_j0(x) * 2.0
+
+    program = torch.export.export(Bessel(), (torch.randn(1, 4),))
+    torch.export.save(program, tmp_path / "bessel.pt2")
+    experiment = f"{EXPERIMENT}-litert-op"
+    run = run_tflite_step({"model_uri": str(tmp_path / "bessel.pt2"), "mode": "fp32"}, mlflow_server,
+                          python=litert_python, experiment=experiment)
+    assert run.returncode == 5, run.output[-3000:]
+    assert "litert-torch cannot convert op aten.special_bessel_j0" in error_line(run)
+    assert_failed_without_artifact(mlflow_server, experiment)
+
+
+def test_op_onnx2tf_cannot_convert_is_named(mlflow_server, tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["r"], name="relu"), helper.make_node("Swish", ["r"], ["y"], name="swish_1")],
+        "swish", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 24)], ir_version=10)
+    onnx.checker.check_model(model)
+    onnx.save(model, tmp_path / "swish.onnx")
+    experiment = f"{EXPERIMENT}-onnx2tf-op"
+    run = run_tflite_step({"model_uri": str(tmp_path / "swish.onnx"), "mode": "fp32"}, mlflow_server,
+                          experiment=experiment)
+    assert run.returncode == 5, run.output[-3000:]
+    message = error_line(run)
+    assert "onnx2tf cannot convert op Swish" in message and "swish_1" in message
+    assert_failed_without_artifact(mlflow_server, experiment)
+
+
+def test_tf_op_without_builtin_fails_unless_flex_is_allowed(mlflow_server, tmp_path):
+    import tensorflow as tf
+
+    class Det(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, 3, 3], tf.float32, name="m")])
+        def __call__(self, m: tf.Tensor) -> dict[str, tf.Tensor]:
+            return {"det": tf.linalg.det(m)}
+
+    module = Det()
+    tf.saved_model.save(module, str(tmp_path / "det"), signatures=module.__call__)
+    experiment = f"{EXPERIMENT}-flex-op"
+    run = run_tflite_step({"model_uri": str(tmp_path / "det"), "mode": "fp32"}, mlflow_server, experiment=experiment)
+    assert run.returncode == 5, run.output[-3000:]
+    message = error_line(run)
+    assert "op tf.MatrixDeterminant has no TFLite builtin" in message and "allow_select_tf_ops" in message
+    assert_failed_without_artifact(mlflow_server, experiment)
+
+    result = ok(run_tflite_step({"model_uri": str(tmp_path / "det"), "mode": "fp32", "allow_select_tf_ops": True},
+                                mlflow_server))
+    assert result["metrics"]["flex_op_count"] == 1
+    assert result["info"]["flex_ops"] == {"FlexMatrixDeterminant": 1}
+    assert result["info"]["source_kind"] == "saved_model"
