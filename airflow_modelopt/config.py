@@ -49,7 +49,11 @@ def get(option: str) -> str:
 
 
 def resolve_execution_mode(explicit: str | None) -> str:
-    """The operator's argument if given, else configuration; raise naming the bad value."""
+    """The operator's argument if given, else configuration; raise naming the bad value.
+
+    An empty or null param rendered into a template ("", "None") means "not given"."""
+    if explicit is not None and str(explicit).strip() in ("", "None", "null"):
+        explicit = None
     source = "execution_mode argument" if explicit else f"[{SECTION}] execution_mode"
     mode = (explicit or get("execution_mode")).strip().lower()
     if mode not in EXECUTION_MODES:
@@ -57,8 +61,9 @@ def resolve_execution_mode(explicit: str | None) -> str:
     return mode
 
 
-def image_for(step: str, explicit: str | None = None) -> str:
-    """Image reference a step runs in: the explicit one, a per-step override, or the family image."""
+def image_for(step: str, explicit: str | None = None, family: str | None = None) -> str:
+    """Image reference a step runs in: the explicit one, a per-step override, or the family image
+    (``family`` as the spec resolved it from its models, else the step's default)."""
     if explicit:
         return explicit
     raw = get("image_overrides") or "{}"
@@ -68,7 +73,7 @@ def image_for(step: str, explicit: str | None = None) -> str:
         raise SpecError(f"[{SECTION}] image_overrides is not valid JSON: {exc}") from None
     if step in overrides:
         return str(overrides[step])
-    family = spec_class_for(step).image_family
+    family = family or spec_class_for(step).image_family
     registry = get("image_registry").strip().rstrip("/")
     name = f"{get('image_name_prefix')}{family}:{get('image_tag')}"
     return f"{registry}/{name}" if registry else name

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import inspect
 import json
 import logging
 import tempfile
@@ -82,14 +81,27 @@ def step_module(step: str) -> Any:
     return importlib.import_module(f"airflow_modelopt.steps.{step}")
 
 
-def cache_key(spec: StepSpec, input_digests: dict[str, str], module: Any) -> str:
+def code_digest() -> str:
+    """sha256 of the container side's source (steps, runtimes, runner, data, specs): a code change
+    invalidates the cache in local mode too, where no image digest tells versions apart."""
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256(__version__.encode())
+    for sub in ("steps", "runtimes", "specs", "examples"):
+        for path in sorted((root / sub).rglob("*.py")):
+            h.update(path.relative_to(root).as_posix().encode() + path.read_bytes())
+    for name in ("runner.py", "data.py", "signature.py", "tracking.py"):
+        h.update(name.encode() + (root / name).read_bytes())
+    return h.hexdigest()
+
+
+def cache_key(spec: StepSpec, input_digests: dict[str, str]) -> str:
     """sha256 over the step, its parameters (inputs by content, not by URI), the code and image."""
     params = {k: v for k, v in spec.params().items() if k not in spec.input_fields}
     try:
-        code = hashlib.sha256(inspect.getsource(module).encode()).hexdigest()
-    except (OSError, TypeError):
+        code = code_digest()
+    except OSError:
         code = __version__
-    payload = {
+    payload: dict[str, Any] = {
         "step": spec.step,
         "spec_version": spec.spec_version,
         "params": params,
@@ -97,6 +109,10 @@ def cache_key(spec: StepSpec, input_digests: dict[str, str], module: Any) -> str
         "code": code,
         "image": spec.context.image_digest or spec.context.image or f"local:{__version__}",
     }
+    if spec.cache_per_machine:  # measurements: a result from other hardware is not this one's
+        from airflow_modelopt.steps.benchmark import hardware_fingerprint
+
+        payload["hardware"] = hardware_fingerprint()
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -146,7 +162,7 @@ def run_step(step: str, raw_spec: dict[str, Any] | str) -> StepResult:
                 log.info("Fetching %s: %s", name, value)
                 inputs[name] = tracking.fetch(value, workdir / "inputs" / name, field=name)
         digests = {name: tracking.digest(path) for name, path in inputs.items()}
-        key = cache_key(spec, digests, module)
+        key = cache_key(spec, digests)
         log.info("Cache key %s", key)
 
         if not spec.context.force:

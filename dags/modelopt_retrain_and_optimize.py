@@ -1,9 +1,10 @@
 """Scheduled: retrain the example digits CNN on real data, then optimize it.
 
 # [START modelopt_retrain_and_optimize]
-Train (scikit-learn's digits, logged to MLflow with its accuracy) -> export to ONNX, checked
-against torch with ONNX Runtime at batch sizes 1 and 7. Every step runs in the execution mode
-of ``[modelopt] execution_mode`` unless the run's ``execution_mode`` param says otherwise.
+Train (scikit-learn's digits, logged to MLflow with its accuracy), then the same optimization
+task group as ``modelopt_optimize``: every requested target is built, validated against the new
+model on the evaluation split, benchmarked, and the passing ones are promoted in the MLflow
+Model Registry. Steps run in ``[modelopt] execution_mode`` unless the run's param says otherwise.
 # [END modelopt_retrain_and_optimize]
 """
 
@@ -13,11 +14,12 @@ from datetime import datetime
 
 from airflow.sdk import DAG, Param
 
-from airflow_modelopt.operators import TorchToOnnxOperator, TrainExampleModelOperator, artifact
+from airflow_modelopt.operators import TrainExampleModelOperator, artifact
+from airflow_modelopt.pipelines import TARGETS, optimization_pipeline
 
 with DAG(
     dag_id="modelopt_retrain_and_optimize",
-    description="Retrain the example digits CNN weekly and export it to a checked ONNX model.",
+    description="Retrain the example digits CNN weekly and build, validate, benchmark and promote its deployables.",
     schedule="@weekly",
     start_date=datetime(2026, 1, 1),
     catchup=False,
@@ -25,12 +27,14 @@ with DAG(
     tags=["modelopt", "example"],
     params={
         "epochs": Param(15, type="integer", minimum=1, maximum=500, description="Training epochs"),
-        "execution_mode": Param(
-            "",
-            type="string",
-            enum=["", "local", "docker", "kubernetes"],
-            description="Where steps run; empty means [modelopt] execution_mode",
-        ),
+        "targets": Param(["onnx_fp32", "onnx_int8_static", "tflite_int8"], type="array",
+                         items={"type": "string", "enum": list(TARGETS)}, minItems=1,
+                         description="Deployables to build from the retrained model"),
+        "registered_model_name": Param("digits-cnn", type="string", minLength=1,
+                                       description="MLflow registered model the passing candidates join"),
+        "max_accuracy_drop": Param(0.02, type="number", minimum=0, maximum=1, description="Gate on accuracy drop"),
+        "execution_mode": Param("", type=["null", "string"], enum=["", "local", "docker", "kubernetes"],
+                                description="Where steps run; empty means [modelopt] execution_mode"),
         "force": Param(False, type="boolean", description="Rebuild even when a cached MLflow run matches"),
     },
 ) as dag:
@@ -38,13 +42,13 @@ with DAG(
 
     train = TrainExampleModelOperator(task_id="train", epochs="{{ params.epochs }}", **common)
 
-    to_onnx = TorchToOnnxOperator(
-        task_id="torch_to_onnx",
+    optimize = optimization_pipeline(
         model_uri=artifact("train", "model_pt2"),
-        data_uri=artifact("train", "eval_data"),
-        opset=18,
-        check_batch_sizes=[1, 7],
+        calibration_data_uri=artifact("train", "calibration_data"),
+        eval_data_uri=artifact("train", "eval_data"),
+        targets="{{ params.targets }}",
+        registered_model_name="{{ params.registered_model_name }}",
+        max_accuracy_drop="{{ params.max_accuracy_drop }}",
         **common,
     )
-
-    train >> to_onnx
+    train >> optimize

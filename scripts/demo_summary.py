@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import sys
+import tempfile
 from pathlib import Path
 
 from mlflow import MlflowClient
 
 DAG_ID = "modelopt_retrain_and_optimize"
 SHOWN = ("eval_accuracy", "train_time_s", "export_time_s", "max_abs_error_batch_1", "max_abs_error_batch_7",
-         "data_max_abs_error", "onnx_bytes", "onnx_node_count", "onnx_param_count")
+         "onnx_bytes", "size_ratio", "accuracy_drop", "top1_agreement", "latency_ms_p50", "model_bytes")
 
 
 def main(airflow_home: str) -> int:
-    db = Path(airflow_home, "modelopt", "mlflow.db")
+    db = Path(airflow_home, "modelopt", "mlflow.db").resolve()
     uri = f"sqlite:///{db}"
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(DAG_ID)
@@ -26,6 +28,7 @@ def main(airflow_home: str) -> int:
     print(f"Parent run {parent.info.run_id}  (DAG run {parent.data.tags.get('airflow.run_id')})")
     children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
                                   order_by=["attributes.start_time ASC"])
+    promoted = None
     for run in children:
         tags = run.data.tags
         hit = " (cache hit)" if tags.get("modelopt.cache_hit") == "true" else ""
@@ -35,6 +38,18 @@ def main(airflow_home: str) -> int:
                 print(f"      {key:<24} {run.data.metrics[key]:.6g}")
         for model in client.search_logged_models([exp.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'"):
             print(f"      logged model {model.name}: models:/{model.model_id}")
+        if tags.get("modelopt.step") == "promote" and run.info.status == "FINISHED":
+            with tempfile.TemporaryDirectory() as tmp:
+                local = client.download_artifacts(run.info.run_id, "modelopt/result.json", tmp)
+                info = json.loads(Path(local).read_text())["info"]
+            promoted = info
+    if promoted:
+        print()
+        print(promoted["summary_markdown"])
+        print(f"Policy: {promoted['decision']}")
+        print(f"Aliases of {promoted['registered_model_name']}: "
+              + ", ".join(f"@{a} -> v{v}" for a, v in sorted(promoted["aliases"].items())))
+        print(f"Load one: mlflow.pyfunc / download models:/{promoted['registered_model_name']}@champion")
     print("\nSee it in the MLflow UI:")
     print(f"  .venv/bin/mlflow ui --backend-store-uri {uri} --port 5000   # then open http://127.0.0.1:5000")
     return 0

@@ -1,11 +1,17 @@
 """Public operators. Importing this module loads no ML framework (tests/unit/test_import_boundary.py).
 
-Adding a step: its spec in ``specs.py``, its module in ``steps/``, one class line here, its tests.
+Adding a step: its spec in ``specs/``, its module in ``steps/``, one class line here, its tests.
 """
 
 from __future__ import annotations
 
+from airflow_modelopt.operators._onnx_quantize_operator import OnnxQuantizeOperator
+from airflow_modelopt.operators._prune_operator import PruneOperator
+from airflow_modelopt.operators._tensorrt_operator import TensorRTBuildOperator
+from airflow_modelopt.operators._tflite_operator import TFLiteQuantizeOperator
+from airflow_modelopt.operators._validation_operators import BenchmarkOperator, ValidateEquivalenceOperator
 from airflow_modelopt.operators.base import ModelOptOperator
+from airflow_modelopt.operators.promote import PromoteModelOperator
 from airflow_modelopt.operators.xcom import artifact, metric
 from airflow_modelopt.specs import TorchToOnnxSpec, TrainExampleSpec
 
@@ -25,4 +31,17 @@ class TrainExampleModelOperator(ModelOptOperator):
     spec_class = TrainExampleSpec
 
 
-__all__ = ["ModelOptOperator", "TorchToOnnxOperator", "TrainExampleModelOperator", "artifact", "metric"]
+__all__ = [
+    "BenchmarkOperator",
+    "ModelOptOperator",
+    "OnnxQuantizeOperator",
+    "PromoteModelOperator",
+    "PruneOperator",
+    "TFLiteQuantizeOperator",
+    "TensorRTBuildOperator",
+    "TorchToOnnxOperator",
+    "TrainExampleModelOperator",
+    "ValidateEquivalenceOperator",
+    "artifact",
+    "metric",
+]

@@ -85,7 +85,7 @@ class ModelOptOperator(BaseOperator):
         if clashes:
             raise TypeError(f"{spec.__name__} fields clash with operator attributes: {clashes}")
         cls._spec_fields = fields
-        cls.template_fields = (*fields, *_COMMON_TEMPLATE_FIELDS)
+        cls.template_fields = (*fields, *_COMMON_TEMPLATE_FIELDS, *getattr(cls, "extra_template_fields", ()))
         lines = [f"{cls.__doc__ or spec.__doc__ or ''}".rstrip(), "", f"Step ``{spec.step_name()}`` "
                  f"(image family ``{spec.image_family}``). Spec fields, all templated:", ""]
         for name, info in spec.user_fields().items():
@@ -137,7 +137,7 @@ class ModelOptOperator(BaseOperator):
                 raise ValueError(prefix + str(exc)) from None
         values = self._spec_values()
         templated = {k for k, v in values.items() if _is_templated(v)}
-        if not templated:
+        if not templated and not self._runtime_filled():
             try:
                 self.spec_class.model_validate({**values, "step": self.spec_class.step_name()})
             except ValidationError as exc:
@@ -155,9 +155,14 @@ class ModelOptOperator(BaseOperator):
             except ValidationError as exc:
                 first = exc.errors()[0]
                 raise ValueError(f"{prefix}invalid spec: {name}: {first['msg']} (got {value!r})") from None
-        missing = [n for n, i in fields.items() if i.is_required() and n not in values]
+        missing = [n for n, i in fields.items()
+                   if i.is_required() and n not in values and n not in self._runtime_filled()]
         if missing:
             raise ValueError(f"{prefix}missing required argument(s): {', '.join(missing)}")
+
+    def _runtime_filled(self) -> tuple[str, ...]:
+        """Required spec fields an operator fills itself at run time (from XCom, say)."""
+        return ()
 
     def build_spec(self, context: Context | None = None, *, mode: str = "local") -> StepSpec:
         """The validated spec from rendered fields, with the run context filled in."""

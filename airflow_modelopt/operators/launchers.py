@@ -23,6 +23,7 @@ from airflow_modelopt.exceptions import (
     EXIT_CONVERSION_FAILED,
     EXIT_GATE_FAILED,
     EXIT_TRACKING_UNAVAILABLE,
+    EXIT_UNSUPPORTED_HERE,
     NON_RETRYABLE_EXIT_CODES,
 )
 from airflow_modelopt.specs import StepResult, StepSpec
@@ -46,6 +47,7 @@ _EXIT_MEANING = {
     EXIT_GATE_FAILED: "a quality gate failed; not retried",
     EXIT_TRACKING_UNAVAILABLE: "MLflow tracking server unreachable",
     EXIT_CONVERSION_FAILED: "the converter refused the model; not retried",
+    EXIT_UNSUPPORTED_HERE: "this worker cannot run the step (no GPU or framework); not retried",
 }
 
 
@@ -216,7 +218,7 @@ class DockerLauncher(Launcher):
                 "AIRFLOW_CONN_MLFLOW_DEFAULT='http://127.0.0.1:5000' (with [modelopt] "
                 "docker_network_mode=host for a server on the worker's loopback)."
             )
-        image = config.image_for(spec.step, self.operator.image)
+        image = config.image_for(spec.step, self.operator.image, spec.resolved_image_family())
         spec.context.image = image
         self.docker_operator = self.build_operator(spec, tracking)
         spec.context.image_digest = self.image_digest(self.docker_operator.hook, image)
@@ -301,7 +303,7 @@ class KubernetesLauncher(Launcher):
         )
 
     def launch(self, spec: StepSpec, tracking: TrackingConfig, context: Context) -> StepResult:
-        spec.context.image = config.image_for(spec.step, self.operator.image)
+        spec.context.image = config.image_for(spec.step, self.operator.image, spec.resolved_image_family())
         self.pod_operator = self.build_operator(spec, tracking)
         raw = run_nested(self.pod_operator, context)
         if raw is None:

@@ -25,21 +25,17 @@ from airflow_modelopt.specs.base import (
 )
 from airflow_modelopt.specs.example import TrainExampleSpec
 from airflow_modelopt.specs.export import TorchToOnnxSpec
+from airflow_modelopt.specs.onnx_quantize import OnnxQuantizeSpec
+from airflow_modelopt.specs.promote import Candidate, PromoteSpec
+from airflow_modelopt.specs.prune import PruneSpec
+from airflow_modelopt.specs.tensorrt import TensorRTBuildSpec
+from airflow_modelopt.specs.tflite import TFLiteQuantizeSpec
+from airflow_modelopt.specs.validation import BenchmarkSpec, ValidateEquivalenceSpec
 
 __all__ = [
-    "EXECUTION_MODES",
-    "MAX_OPSET",
-    "MIN_OPSET",
-    "SPEC_VERSION",
-    "ArtifactUri",
-    "ExecutionMode",
-    "RunContext",
-    "StepResult",
-    "StepSpec",
-    "TorchToOnnxSpec",
-    "TrainExampleSpec",
-    "Verdict",
-    "format_validation_error",
-    "parse_spec",
+    "EXECUTION_MODES", "MAX_OPSET", "MIN_OPSET", "SPEC_VERSION", "ArtifactUri", "ExecutionMode",
+    "RunContext", "StepResult", "StepSpec", "Verdict", "format_validation_error", "parse_spec",
     "spec_class_for",
+    "BenchmarkSpec", "Candidate", "OnnxQuantizeSpec", "PromoteSpec", "PruneSpec", "TFLiteQuantizeSpec",
+    "TensorRTBuildSpec", "TorchToOnnxSpec", "TrainExampleSpec", "ValidateEquivalenceSpec",
 ]

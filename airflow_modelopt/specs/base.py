@@ -59,6 +59,8 @@ class StepSpec(_Strict):
     image_family: ClassVar[str] = "base"
     #: Fields holding artifact URIs whose content feeds the cache key.
     input_fields: ClassVar[tuple[str, ...]] = ()
+    #: Whether results depend on the machine (benchmarks): the hardware joins the cache key.
+    cache_per_machine: ClassVar[bool] = False
 
     spec_version: Literal[1] = SPEC_VERSION
     step: str
@@ -73,6 +75,11 @@ class StepSpec(_Strict):
         step_field = cls.model_fields.get("step")
         if step_field is not None and isinstance(step_field.default, str):
             StepSpec.registry[step_field.default] = cls
+
+    def resolved_image_family(self) -> str:
+        """The image family this spec needs; specs whose models decide it (validate, benchmark,
+        prune) override this. Docker and Kubernetes modes pick the image from it."""
+        return self.image_family
 
     @classmethod
     def step_name(cls) -> str:

@@ -6,25 +6,28 @@ The tracking server runs on the host's loopback, so containers use host networki
 
 from __future__ import annotations
 
-import json
 import subprocess
 
 import pytest
 
 from airflow_modelopt import __version__
 from tests.conftest import REPO, make_airflow_home
-from tests.integration.test_dag_local import DAG_ID, step_runs_of_latest_dag_run
+from tests.integration.test_dag_local import DAG_ID, STEP_TASKS, dag_conf, step_runs_of_latest_dag_run
 
 TORCH_IMAGE = f"airflow-modelopt-torch:{__version__}"
+BASE_IMAGE = f"airflow-modelopt-base:{__version__}"
 
 
 @pytest.fixture(scope="module")
 def images(docker_engine):
-    proc = subprocess.run(["docker", "image", "inspect", TORCH_IMAGE, "--format", "{{.Id}}"],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.fail(f"image {TORCH_IMAGE} is not built; run `make images` first")
-    return {"torch": proc.stdout.strip()}
+    ids = {}
+    for family, image in (("torch", TORCH_IMAGE), ("base", BASE_IMAGE)):
+        proc = subprocess.run(["docker", "image", "inspect", image, "--format", "{{.Id}}"],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.fail(f"image {image} is not built; run `make images` first")
+        ids[family] = proc.stdout.strip()
+    return ids
 
 
 @pytest.fixture(scope="module")
@@ -36,17 +39,24 @@ def docker_home(tmp_path_factory, mlflow_server, images):
 
 
 def test_dag_runs_in_docker_and_records_image_and_digest(docker_home, mlflow_server, images):
-    proc = docker_home.run("dags", "test", DAG_ID, "-c", json.dumps({"epochs": 4, "execution_mode": "docker"}))
+    proc = docker_home.run("dags", "test", DAG_ID, "-c", dag_conf(epochs=4, execution_mode="docker",
+                                                                  registered_model_name="digits-docker-test"))
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert "Starting docker container from image airflow-modelopt-torch" in proc.stdout + proc.stderr
-    _, steps = step_runs_of_latest_dag_run(mlflow_server.client(), DAG_ID)
-    assert set(steps) == {"train", "torch_to_onnx"}
-    for run in steps.values():
+    client = mlflow_server.client()
+    _, steps = step_runs_of_latest_dag_run(client, DAG_ID)
+    assert set(steps) == STEP_TASKS
+    # Each step ran in its image: torch for torch work (validate reads the .pt2 reference), base for the rest.
+    expected = {"train": "torch", "optimize.export_onnx": "torch", "optimize.validate_onnx_fp32": "torch",
+                "optimize.benchmark_onnx_fp32": "base", "optimize.promote": "base"}
+    for task_id, run in steps.items():
         tags = run.data.tags
         assert tags["modelopt.execution_mode"] == "docker"
-        assert tags["modelopt.image"] == TORCH_IMAGE
-        assert tags["modelopt.image_digest"] == images["torch"]
-    export = steps["torch_to_onnx"]
+        family = expected[task_id]
+        assert tags["modelopt.image"] == {"torch": TORCH_IMAGE, "base": BASE_IMAGE}[family], task_id
+        assert tags["modelopt.image_digest"] == images[family], task_id
+    assert client.get_model_version_by_alias("digits-docker-test", "champion") is not None
+    export = steps["optimize.export_onnx"]
     assert export.data.metrics["max_abs_error_batch_1"] < 1e-4
     assert export.data.metrics["max_abs_error_batch_7"] < 1e-4
 
@@ -72,7 +82,7 @@ def test_missing_image_gives_one_clear_error(tmp_path_factory, mlflow_server, im
         "AIRFLOW_CONN_MLFLOW_DEFAULT": mlflow_server.uri,
         "AIRFLOW__MODELOPT__IMAGE_TAG": "no-such-tag",
     })
-    proc = home.run("dags", "test", DAG_ID, "-c", json.dumps({"epochs": 1, "execution_mode": "docker"}))
+    proc = home.run("dags", "test", DAG_ID, "-c", dag_conf(epochs=1, execution_mode="docker"))
     out = proc.stdout + proc.stderr
     assert "image 'airflow-modelopt-torch:no-such-tag' is not present on the Docker engine and could not be pulled" in out
     assert "make images" in out

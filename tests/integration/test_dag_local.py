@@ -1,4 +1,5 @@
-"""The example DAG under `airflow dags test`, local mode, against a real MLflow server."""
+"""The example DAG under `airflow dags test`, local mode, against a real MLflow server:
+train -> export to ONNX -> validate -> benchmark -> promote (target onnx_fp32 only, to stay quick)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,12 @@ import json
 import pytest
 
 DAG_ID = "modelopt_retrain_and_optimize"
+STEP_TASKS = {"train", "optimize.export_onnx", "optimize.validate_onnx_fp32", "optimize.benchmark_onnx_fp32",
+              "optimize.promote"}
+
+
+def dag_conf(**extra) -> str:
+    return json.dumps({"epochs": 6, "targets": ["onnx_fp32"], "registered_model_name": "digits-dag-test", **extra})
 
 
 def step_runs_of_latest_dag_run(client, experiment_name: str) -> tuple[object, dict[str, object]]:
@@ -23,7 +30,7 @@ def step_runs_of_latest_dag_run(client, experiment_name: str) -> tuple[object, d
 
 @pytest.fixture(scope="module")
 def local_dag_run(airflow_home):
-    proc = airflow_home.run("dags", "test", DAG_ID, "-c", json.dumps({"epochs": 6}))
+    proc = airflow_home.run("dags", "test", DAG_ID, "-c", dag_conf())
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     return proc
 
@@ -33,7 +40,7 @@ def test_dag_run_has_one_parent_and_a_nested_run_per_task(local_dag_run, mlflow_
     assert parent.data.tags["airflow.dag_id"] == DAG_ID
     assert parent.data.tags["airflow.run_id"].startswith("manual__")
     assert "airflow.logical_date" in parent.data.tags
-    assert set(steps) == {"train", "torch_to_onnx"}
+    assert set(steps) == STEP_TASKS
     for task_id, run in steps.items():
         tags = run.data.tags
         assert tags["airflow.run_id"] == parent.data.tags["airflow.run_id"]
@@ -46,7 +53,7 @@ def test_dag_run_has_one_parent_and_a_nested_run_per_task(local_dag_run, mlflow_
 
 def test_dag_exports_a_checked_onnx_model(local_dag_run, mlflow_server):
     _, steps = step_runs_of_latest_dag_run(mlflow_server.client(), DAG_ID)
-    train, export = steps["train"], steps["torch_to_onnx"]
+    train, export = steps["train"], steps["optimize.export_onnx"]
     assert train.data.metrics["eval_accuracy"] > 0.85
     assert export.data.metrics["max_abs_error_batch_1"] < 1e-4
     assert export.data.metrics["max_abs_error_batch_7"] < 1e-4
@@ -56,3 +63,16 @@ def test_dag_exports_a_checked_onnx_model(local_dag_run, mlflow_server):
     models = mlflow_server.client().search_logged_models(
         experiment_ids=[export.info.experiment_id], filter_string=f"source_run_id = '{export.info.run_id}'")
     assert [m.name for m in models] == ["onnx_model"]
+
+
+def test_dag_validates_benchmarks_and_promotes(local_dag_run, mlflow_server):
+    client = mlflow_server.client()
+    _, steps = step_runs_of_latest_dag_run(client, DAG_ID)
+    validate, bench = steps["optimize.validate_onnx_fp32"], steps["optimize.benchmark_onnx_fp32"]
+    assert validate.data.tags["modelopt.verdict"] == "passed"
+    assert validate.data.metrics["accuracy_drop"] <= 0.02
+    assert bench.data.metrics["latency_ms_p50"] > 0
+    version = client.get_model_version_by_alias("digits-dag-test", "onnx_fp32")
+    assert client.get_model_version_by_alias("digits-dag-test", "champion").version == version.version
+    assert version.tags["modelopt.target"] == "onnx_fp32"
+    assert version.tags["airflow.dag_id"] == DAG_ID

@@ -58,6 +58,7 @@ def test_execution_mode_from_argument_wins_over_config(monkeypatch):
     assert config.resolve_execution_mode("docker") == "docker"
     assert config.resolve_execution_mode(None) == "kubernetes"
     assert config.resolve_execution_mode("") == "kubernetes"
+    assert config.resolve_execution_mode("None") == "kubernetes"  # a null param, rendered
 
 
 def test_execution_mode_defaults_to_local(monkeypatch):
@@ -105,3 +106,22 @@ def test_provider_is_registered():
     info = eps[0].load()()
     assert info["package-name"] == "airflow-modelopt"
     assert "modelopt" in info["config"]
+
+
+def test_validate_and_benchmark_images_follow_the_model_formats(monkeypatch):
+    for var in ("IMAGE_REGISTRY", "IMAGE_TAG", "IMAGE_OVERRIDES"):
+        monkeypatch.delenv(f"AIRFLOW__MODELOPT__{var}", raising=False)
+    from airflow_modelopt.specs import parse_spec
+
+    def family(step, **fields):
+        return parse_spec(step, fields).resolved_image_family()
+
+    data = "runs:/r/data/eval.npz"
+    assert family("validate", reference_uri="runs:/r/model.pt2", candidate_uri="models:/m-1",
+                  candidate_format="onnx", data_uri=data) == "torch"
+    assert family("validate", reference_uri="runs:/r/model.pt2", candidate_uri="runs:/r/tflite_model",
+                  candidate_format="tflite", data_uri=data) == "tensorflow"
+    assert family("validate", reference_uri="a.onnx", candidate_uri="b.onnx", data_uri=data) == "base"
+    assert family("benchmark", model_uri="models:/m-1", model_format="onnx") == "base"
+    assert family("benchmark", model_uri="runs:/r/engine", model_format="tensorrt") == "tensorrt"
+    assert config.image_for("validate", None, "tensorflow").startswith("airflow-modelopt-tensorflow:")

@@ -1,0 +1,199 @@
+"""The optimization task group: for each requested target, build -> validate -> benchmark in
+parallel branches, then one promotion. A user's own DAG gets the whole pipeline in a few lines:
+
+    from airflow_modelopt.pipelines import optimization_pipeline
+
+    with DAG("my_optimize", schedule=None, start_date=datetime(2026, 1, 1)):
+        optimization_pipeline(
+            model_uri="models:/digits/3",
+            calibration_data_uri="runs:/<run>/data/calibration.npz",
+            eval_data_uri="runs:/<run>/data/eval.npz",
+            targets=["onnx_fp32", "onnx_int8_static", "tflite_int8"],
+            registered_model_name="digits-optimized",
+        )
+
+Every argument may be a Jinja template (``"{{ params.model_uri }}"``). The task structure is fixed
+when the DAG is parsed; ``targets`` selects branches at run time: the others are skipped.
+Shared work (the ONNX export) runs once for all targets that need it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from airflow_modelopt.operators.xcom import artifact
+
+#: Every target the pipeline can build, in the order branches are laid out.
+TARGETS = (
+    "onnx_fp32", "onnx_int8_dynamic", "onnx_int8_static", "tflite_fp16", "tflite_int8",
+    "pruned_onnx_int8", "tensorrt_fp16", "tensorrt_int8",
+)
+
+
+@dataclass(frozen=True)
+class Build:
+    """One build task: which operator, with which arguments, from which upstream build."""
+
+    task_id: str
+    operator: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    source: str | None = None            # upstream build task id; None means the pipeline's model
+    source_artifact: str = ""            # the upstream artifact this build reads
+    model_field: str = "model_uri"
+
+
+def _builds() -> dict[str, Build]:
+    return {b.task_id: b for b in (
+        Build("export_onnx", "TorchToOnnxOperator", {"data_uri": "{eval}"}),
+        Build("onnx_int8_dynamic", "OnnxQuantizeOperator", {"mode": "dynamic"}, "export_onnx", "onnx_model"),
+        Build("onnx_int8_static", "OnnxQuantizeOperator",
+              {"mode": "static", "calibration_data_uri": "{calibration}"}, "export_onnx", "onnx_model"),
+        # TFLite from the ONNX export (onnx2tf, NHWC, recorded in the signature): it runs in the main
+        # environment; the litert-torch path (PyTorch -> TFLite, NCHW kept) needs its own environment.
+        Build("tflite_fp16", "TFLiteQuantizeOperator", {"mode": "fp16"}, "export_onnx", "onnx_model"),
+        Build("tflite_int8", "TFLiteQuantizeOperator", {"mode": "int8", "calibration_data_uri": "{calibration}"},
+              "export_onnx", "onnx_model"),
+        Build("prune", "PruneOperator", {"method": "structured", "sparsity": 0.5, "fine_tune_epochs": 3,
+                                         "train_data_uri": "{calibration}", "eval_data_uri": "{eval}"}),
+        Build("export_pruned_onnx", "TorchToOnnxOperator", {"data_uri": "{eval}"}, "prune", "model_pt2"),
+        Build("pruned_onnx_int8", "OnnxQuantizeOperator",
+              {"mode": "static", "calibration_data_uri": "{calibration}"}, "export_pruned_onnx", "onnx_model"),
+        Build("tensorrt_fp16", "TensorRTBuildOperator", {"precision": "fp16"}, "export_onnx", "onnx_model"),
+        Build("tensorrt_int8", "TensorRTBuildOperator",
+              {"precision": "int8", "calibration_data_uri": "{calibration}"}, "export_onnx", "onnx_model"),
+    )}
+
+
+#: target -> (build chain, artifact of the last build, candidate format for validation/benchmark)
+TARGET_CHAINS: dict[str, tuple[tuple[str, ...], str, str]] = {
+    "onnx_fp32": (("export_onnx",), "onnx_model", "onnx"),
+    "onnx_int8_dynamic": (("export_onnx", "onnx_int8_dynamic"), "onnx_model", "onnx"),
+    "onnx_int8_static": (("export_onnx", "onnx_int8_static"), "onnx_model", "onnx"),
+    "tflite_fp16": (("export_onnx", "tflite_fp16"), "tflite_model", "tflite"),
+    "tflite_int8": (("export_onnx", "tflite_int8"), "tflite_model", "tflite"),
+    "pruned_onnx_int8": (("prune", "export_pruned_onnx", "pruned_onnx_int8"), "onnx_model", "onnx"),
+    "tensorrt_fp16": (("export_onnx", "tensorrt_fp16"), "tensorrt_engine", "tensorrt"),
+    "tensorrt_int8": (("export_onnx", "tensorrt_int8"), "tensorrt_engine", "tensorrt"),
+}
+
+
+def parse_targets(value: Any) -> list[str]:
+    """Targets from a list, a JSON/Python list literal, or a comma-separated string; unknown ones refused."""
+    import ast
+
+    if isinstance(value, str):
+        text = value.strip()
+        value = ast.literal_eval(text) if text.startswith("[") else [t for t in text.split(",") if t.strip()]
+    targets = [str(t).strip() for t in value or []]
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown:
+        raise ValueError(f"unknown target(s) {unknown}; choose from {', '.join(TARGETS)}")
+    if not targets:
+        raise ValueError(f"targets is empty; choose one or more of {', '.join(TARGETS)}")
+    return list(dict.fromkeys(targets))
+
+
+def optimization_pipeline(
+    *,
+    model_uri: str,
+    calibration_data_uri: str,
+    eval_data_uri: str,
+    targets: Any,
+    registered_model_name: str,
+    group_id: str = "optimize",
+    max_accuracy_drop: Any = 0.02,
+    min_top1_agreement: Any = None,
+    objective: str = "latency_p50",
+    execution_mode: str | None = None,
+    force: Any = False,
+    benchmark_runs: int = 50,
+    available_targets: tuple[str, ...] = TARGETS,
+    operator_kwargs: dict[str, dict[str, Any]] | None = None,
+) -> Any:
+    """Build the optimization TaskGroup (call inside a DAG context); returns the TaskGroup.
+
+    ``available_targets`` fixes which branches exist in the DAG; ``targets`` (templated) selects
+    among them at run time. ``operator_kwargs`` adds arguments per task id (e.g.
+    ``{"tflite_int8": {"python": "/opt/tf/bin/python"}}``).
+    """
+    from airflow.providers.standard.operators.empty import EmptyOperator
+    from airflow.sdk import TaskGroup, task
+
+    from airflow_modelopt import operators as ops
+
+    for t in available_targets:
+        if t not in TARGET_CHAINS:
+            raise ValueError(f"available_targets: unknown target {t!r}; choose from {', '.join(TARGETS)}")
+    fills = {"{eval}": eval_data_uri, "{calibration}": calibration_data_uri}
+    common: dict[str, Any] = {"force": force}
+    if execution_mode is not None:
+        common["execution_mode"] = execution_mode
+    extra = operator_kwargs or {}
+    builds = _builds()
+
+    with TaskGroup(group_id=group_id) as group:
+        prefix = f"{group_id}."
+
+        @task.branch(task_id="select_targets")
+        def select_targets(requested: Any) -> list[str]:
+            wanted = parse_targets(requested)
+            missing = [t for t in wanted if t not in available_targets]
+            if missing:
+                raise ValueError(f"target(s) {missing} are not part of this pipeline ({', '.join(available_targets)})")
+            return [f"{prefix}target_{t}" for t in wanted]
+
+        selector = select_targets(targets)
+        # One gate per target right after the branch: a target's own tasks need its gate, shared
+        # builds (the ONNX export) run when any gate of a target using them ran.
+        gates = {t: EmptyOperator(task_id=f"target_{t}") for t in available_targets}
+        selector >> list(gates.values())
+        users: dict[str, list[str]] = {}
+        for t in available_targets:
+            for task_id in TARGET_CHAINS[t][0]:
+                users.setdefault(task_id, []).append(t)
+        made: dict[str, Any] = {}
+
+        def build(task_id: str) -> Any:
+            if task_id in made:
+                return made[task_id]
+            spec = builds[task_id]
+            kwargs = {k: fills.get(v, v) if isinstance(v, str) else v for k, v in spec.kwargs.items()}
+            kwargs[spec.model_field] = model_uri if spec.source is None else artifact(prefix + spec.source,
+                                                                                     spec.source_artifact)
+            if len(users[task_id]) > 1:
+                kwargs["trigger_rule"] = "none_failed_min_one_success"
+            op = getattr(ops, spec.operator)(task_id=task_id, **common, **kwargs, **extra.get(task_id, {}))
+            if spec.source is not None:
+                build(spec.source) >> op
+            [gates[t] for t in users[task_id]] >> op
+            made[task_id] = op
+            return op
+
+        candidate_tasks: dict[str, dict[str, Any]] = {}
+        branch_ends = []
+        for target in available_targets:
+            chain, art, fmt = TARGET_CHAINS[target]
+            for task_id in chain:
+                build(task_id)
+            last = chain[-1]
+            candidate = artifact(prefix + last, art)
+            validate = ops.ValidateEquivalenceOperator(
+                task_id=f"validate_{target}", reference_uri=model_uri, candidate_uri=candidate,
+                data_uri=eval_data_uri, candidate_format=fmt, candidate_name=target,
+                max_accuracy_drop=max_accuracy_drop, min_top1_agreement=min_top1_agreement,
+                **common, **extra.get(f"validate_{target}", {}))
+            bench = ops.BenchmarkOperator(
+                task_id=f"benchmark_{target}", model_uri=candidate, model_format=fmt, data_uri=eval_data_uri,
+                timed_runs=benchmark_runs, candidate_name=target, **common, **extra.get(f"benchmark_{target}", {}))
+            made[last] >> validate >> bench
+            branch_ends.append(bench)
+            candidate_tasks[target] = {"chain": [prefix + c for c in chain], "artifact": art,
+                                       "validate": prefix + validate.task_id.split(".")[-1],
+                                       "benchmark": prefix + bench.task_id.split(".")[-1]}
+        promote = ops.PromoteModelOperator(
+            task_id="promote", registered_model_name=registered_model_name, objective=objective,
+            candidate_tasks=candidate_tasks, selected_targets=targets, source_model_uri=model_uri,
+            **common, **extra.get("promote", {}))
+        branch_ends >> promote
+    return group

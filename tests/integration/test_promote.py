@@ -1,0 +1,122 @@
+"""Promotion against a real MLflow server's Model Registry: registration with lineage, aliases by
+policy, idempotent re-runs, failing candidates left out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_step
+
+
+def _candidate(target, uri, latency, drop=0.005, passed=True, key=None, size=100_000.0):
+    return {"target": target, "model_uri": uri, "passed": passed, "candidate_key": key or f"key-{target}-{uri}",
+            "reasons": [] if passed else ["max_accuracy_drop: 0.08 > 0.02"],
+            "metrics": {"latency_ms_p50": latency, "model_bytes": size, "accuracy_drop": drop,
+                        "candidate_accuracy": 0.97 - drop},
+            "source_model_uri": "models:/digits-source/1",
+            "lineage": [{"step": "torch_to_onnx", "params": {"opset": 18}}]}
+
+
+@pytest.fixture(scope="module")
+def uris(example_model, example_onnx):
+    return {"onnx": example_onnx["artifacts"]["onnx_model"], "torch": example_model["artifacts"]["pytorch_model"],
+            "folder": example_model["artifacts"]["eval_data"].rsplit("/", 1)[0]}  # a plain artifact folder
+
+
+def _promote(server, name, candidates, force=False, **extra):
+    spec = {"registered_model_name": name, "candidates": candidates, **extra,
+            "context": {"experiment_name": "tests-promote", "force": force, "dag_id": "promote_test",
+                        "run_id": f"manual__{name}"}}
+    run = run_step("promote", spec, server.env())
+    assert run.returncode == 0, run.output[-3000:]
+    return run.result
+
+
+def test_passing_candidates_registered_with_lineage_and_aliases(mlflow_server, uris):
+    name = "digits-promote-a"
+    result = _promote(mlflow_server, name, [
+        _candidate("onnx_fp32", uris["onnx"], latency=2.0),
+        _candidate("torch_fp32", uris["torch"], latency=3.0),
+        _candidate("onnx_int8_static", uris["onnx"], latency=1.0, drop=0.09, passed=False),
+    ])
+    client = mlflow_server.client()
+    versions = {v.tags["modelopt.target"]: v for v in client.search_model_versions(f"name = '{name}'")}
+    assert set(versions) == {"onnx_fp32", "torch_fp32"}, "a failing candidate must not be registered"
+    v = versions["onnx_fp32"]
+    assert v.tags["modelopt.source_model_uri"] == "models:/digits-source/1"
+    assert '"step": "torch_to_onnx"' in v.tags["modelopt.lineage"]
+    assert float(v.tags["modelopt.metric.latency_ms_p50"]) == 2.0
+    assert v.tags["airflow.dag_id"] == "promote_test"
+    assert client.get_model_version_by_alias(name, "onnx_fp32").version == v.version
+    assert client.get_model_version_by_alias(name, "champion").version == v.version  # fastest passing
+    assert result["info"]["aliases"]["champion"] == int(v.version)
+    assert "onnx_int8_static" in result["info"]["summary_markdown"]
+    assert result["metrics"]["registered_now"] == 2.0
+
+
+def test_plain_artifact_folder_is_registered_and_downloadable(mlflow_server, uris, tmp_path):
+    """TFLite models and TensorRT engines are artifact folders, not MLflow logged models."""
+    import mlflow
+
+    name = "digits-promote-folder"
+    _promote(mlflow_server, name, [_candidate("tflite_int8", uris["folder"], latency=1.0)])
+    mlflow.set_tracking_uri(mlflow_server.uri)
+    local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}@tflite_int8", dst_path=str(tmp_path))
+    assert sorted(p.name for p in Path(local).iterdir()) == [
+        "calibration.npz", "eval.npz", "train.npz"]
+
+
+def test_rerun_registers_nothing_twice(mlflow_server, uris):
+    name = "digits-promote-b"
+    candidates = [_candidate("onnx_fp32", uris["onnx"], latency=2.0)]
+    _promote(mlflow_server, name, candidates)
+    again = _promote(mlflow_server, name, candidates, force=True)
+    assert again["metrics"]["registered_now"] == 0.0
+    assert len(mlflow_server.client().search_model_versions(f"name = '{name}'")) == 1
+
+
+def test_champion_moves_only_when_beaten_without_worse_accuracy(mlflow_server, uris):
+    name = "digits-promote-c"
+    client = mlflow_server.client()
+    _promote(mlflow_server, name, [_candidate("onnx_fp32", uris["onnx"], latency=2.0, key="gen1")])
+    first = client.get_model_version_by_alias(name, "champion").version
+
+    slower = _promote(mlflow_server, name, [_candidate("onnx_fp32", uris["onnx"], latency=5.0, key="gen2")])
+    assert client.get_model_version_by_alias(name, "champion").version == first
+    assert "does not beat" in slower["info"]["decision"]
+    challenger = client.get_model_version_by_alias(name, "challenger").version
+    assert challenger != first
+    assert client.get_model_version_by_alias(name, "onnx_fp32").version == challenger  # newest of its target
+
+    faster_but_worse = _promote(mlflow_server, name, [_candidate("onnx_fp32", uris["onnx"], latency=1.0, drop=0.05,
+                                                                 key="gen3")])
+    assert client.get_model_version_by_alias(name, "champion").version == first
+    assert "accuracy drop" in faster_but_worse["info"]["decision"]
+
+    better = _promote(mlflow_server, name, [_candidate("onnx_fp32", uris["onnx"], latency=1.0, key="gen4")])
+    assert client.get_model_version_by_alias(name, "champion").version != first
+    assert "beats the champion" in better["info"]["decision"]
+
+
+def test_no_passing_candidate_moves_no_alias(mlflow_server, uris):
+    name = "digits-promote-d"
+    result = _promote(mlflow_server, name, [_candidate("onnx_fp32", uris["onnx"], latency=1.0, passed=False)])
+    assert result["info"]["aliases"] == {}
+    assert mlflow_server.client().search_model_versions(f"name = '{name}'") == []
+
+
+def test_summary_on_parent_run(mlflow_server, uris):
+    result = _promote(mlflow_server, "digits-promote-e", [_candidate("onnx_fp32", uris["onnx"], latency=1.5)])
+    parent = result["parent_run_id"]
+    names = {a.path for a in mlflow_server.client().list_artifacts(parent, "summary")}
+    assert {"summary/candidates.md", "summary/candidates.html", "summary/candidates.json"} <= names
+    assert result["artifacts"]["comparison_plot"].endswith(".png")
+
+
+def test_bad_registered_model_name_is_refused(mlflow_server, uris):
+    run = run_step("promote", {"registered_model_name": "no spaces allowed", "candidates": [
+        _candidate("onnx_fp32", uris["onnx"], latency=1.0)]}, mlflow_server.env())
+    assert run.returncode == 2
+    assert "registered_model_name: must be 1-200 characters" in run.output
