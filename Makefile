@@ -19,6 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -e ".[all,dev]"
+	$(PIP) install --no-deps "onnx2tf==1.29.24"   # its pins would downgrade TensorFlow and onnx
 	touch $@
 
 venv: $(VENV)/.installed

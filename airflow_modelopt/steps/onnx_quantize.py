@@ -8,8 +8,8 @@
    ranges calibrated with MinMax, Entropy or Percentile on the calibration data). In search mode
    several configurations are built; calibration runs once and is shared through ORT's cache.
 4. Measure each int8 model against fp32: top-1 agreement (and accuracy with labels), max abs
-   error, and latency (median of timed runs after warm-up, at the calibration data's shapes and
-   the given batch size and thread count; models interleaved in rounds so drift hits all alike).
+   error, and latency (median, or min, of timed runs after warm-up, at the calibration data's
+   shapes, batch size and thread count; models interleaved in rounds so drift hits all alike).
 5. Gates; search keeps the fastest configuration that passes. Every configuration tried is
    logged (JSON + Markdown table, ``search.<config>.*`` metrics), even when none passes.
 6. Log the chosen model with MLflow's onnx flavor, plus size, ratio and quantized-node counts.
@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from airflow_modelopt.artifacts import locate_onnx as locate_onnx_artifact
 from airflow_modelopt.data import LABEL_KEY, SINGLE_INPUT_KEY, load_npz
 from airflow_modelopt.exceptions import ConversionFailed, GateFailed, InputError
 from airflow_modelopt.runner import StepContext, StepOutput
@@ -100,35 +101,7 @@ class OnnxModel:
 
 def locate_model(path: Path, uri: str) -> Path:
     """The .onnx file of a file, a model folder, or an MLflow onnx-flavor folder."""
-    if path.is_file():
-        if path.suffix.lower() != ".onnx":
-            raise InputError(f"model_uri: {uri} is not an .onnx file (got {path.name!r})")
-        return path
-    mlmodel = path / "MLmodel"
-    if mlmodel.is_file():
-        import yaml
-
-        try:
-            meta = yaml.safe_load(mlmodel.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise InputError(f"model_uri: {uri} has an unreadable MLmodel file: {exc}") from None
-        flavor = (meta.get("flavors") or {}).get("onnx")
-        if not flavor:
-            flavors = sorted(meta.get("flavors") or {})
-            raise InputError(f"model_uri: {uri} is an MLflow model without the onnx flavor (flavors: {flavors})")
-        candidate = path / str(flavor.get("data", "model.onnx"))
-        if not candidate.is_file():
-            raise InputError(f"model_uri: {uri}: the onnx flavor names {flavor.get('data')!r}, which is missing")
-        return candidate
-    if (path / "model.onnx").is_file():
-        return path / "model.onnx"
-    found = sorted(path.rglob("*.onnx"))
-    if len(found) == 1:
-        return found[0]
-    raise InputError(
-        f"model_uri: {uri} is a folder with {len(found)} .onnx files; expected model.onnx (with its external data "
-        "next to it) or an MLflow onnx-flavor model folder"
-    )
+    return locate_onnx_artifact(path, uri)
 
 
 def _describe(values: Any, initializers: set[str]) -> list[TensorInfo]:
@@ -724,16 +697,17 @@ class Trial:
         return {
             "config": self.config.name, "settings": self.config.as_dict(), "passed": self.passed,
             "error": self.error, "gate_failures": self.reasons, "bytes": self.bytes,
-            "quantize_s": round(self.quantize_s, 3), "latency_ms": self.latency.get("p50_ms"),
+            "quantize_s": round(self.quantize_s, 3), "latency_ms": self.latency.get("ms"),
             "latency": self.latency, **self.measured,
         }
 
 
 def search_table(trials: list[Trial], fp32_latency: dict[str, float] | None, chosen: str | None,
-                 source_bytes: int, threads: int, batch: int) -> str:
+                 source_bytes: int, threads: int, batch: int, statistic: str) -> str:
     lines = [
-        f"Latency: median of timed runs, ONNX Runtime CPU, {threads} intra-op thread(s), batch {batch}.", "",
-        "| configuration | chosen | passed | latency p50 ms | min ms | vs fp32 (p50) | top-1 agreement | accuracy drop "
+        f"Latency of timed runs after warm-up, ONNX Runtime CPU, {threads} intra-op thread(s), batch {batch}; "
+        f"configurations are compared by their {statistic} latency.", "",
+        f"| configuration | chosen | passed | p50 ms | min ms | vs fp32 ({statistic}) | top-1 agreement | accuracy drop "
         "| max abs error | bytes | ratio | note |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
@@ -741,16 +715,18 @@ def search_table(trials: list[Trial], fp32_latency: dict[str, float] | None, cho
     def num(v: float | None, fmt: str) -> str:
         return "" if v is None else format(v, fmt)
 
-    base = fp32_latency.get("p50_ms") if fp32_latency else None
+    base = fp32_latency.get("ms") if fp32_latency else None
     if fp32_latency:
-        lines.append(f"| fp32 (source) | | | {num(base, '.4g')} | {num(fp32_latency.get('min_ms'), '.4g')} | 1.00x | 1.0000 | 0 | 0 | {source_bytes} | 1.00 | |")
+        lines.append(f"| fp32 (source) | | | {num(fp32_latency.get('p50_ms'), '.4g')} | "
+                     f"{num(fp32_latency.get('min_ms'), '.4g')} | 1.00x | 1.0000 | 0 | 0 | {source_bytes} | 1.00 | |")
     for t in trials:
-        p50 = t.latency.get("p50_ms")
-        vs = f"{p50 / base:.2f}x" if p50 and base else ""
+        used = t.latency.get("ms")
+        vs = f"{used / base:.2f}x" if used and base else ""
         note = t.error or "; ".join(t.reasons)
         lines.append(
             f"| {t.config.name} | {'yes' if t.config.name == chosen else ''} | {'yes' if t.passed else 'no'} | "
-            f"{num(p50, '.4g')} | {num(t.latency.get('min_ms'), '.4g')} | {vs} | {num(t.measured.get('top1_agreement'), '.4f')} | "
+            f"{num(t.latency.get('p50_ms'), '.4g')} | {num(t.latency.get('min_ms'), '.4g')} | {vs} | "
+            f"{num(t.measured.get('top1_agreement'), '.4f')} | "
             f"{num(t.measured.get('accuracy_drop'), '.4f')} | {num(t.measured.get('max_abs_error'), '.4g')} | "
             f"{t.bytes or ''} | {num(t.bytes / source_bytes if t.bytes else None, '.2f')} | {note.replace('|', '/')} |"
         )
@@ -765,8 +741,8 @@ def _search_metrics(trials: list[Trial]) -> dict[str, float]:
         if t.error:
             continue
         metrics[f"{prefix}.bytes"] = float(t.bytes)
-        if "p50_ms" in t.latency:
-            metrics[f"{prefix}.latency_ms"] = t.latency["p50_ms"]
+        if "ms" in t.latency:
+            metrics[f"{prefix}.latency_ms"] = t.latency["ms"]
         for key in ("top1_agreement", "max_abs_error", "accuracy", "accuracy_drop"):
             if key in t.measured:
                 metrics[f"{prefix}.{key}"] = t.measured[key]
@@ -897,11 +873,13 @@ def measure_all(spec: OnnxQuantizeSpec, ctx: StepContext, inputs: Inputs, trials
     ctx.log.info("Measuring latency of %d model(s): batch %d, %d thread(s), %d warm-up + %d timed runs each",
                  len(sessions), inputs.latency_batch, spec.intra_op_threads, spec.warmup_runs, spec.timed_runs)
     latencies = measure_latency(sessions, feed, spec.warmup_runs, spec.timed_runs)
+    for timings in latencies.values():
+        timings["ms"] = timings["min_ms" if spec.latency_statistic == "min" else "p50_ms"]
     for trial in trials:
         trial.latency = latencies.get(trial.config.name, {})
     for t in trials:
         ctx.log.info("%-32s %s", t.config.name, t.error or (
-            f"latency {t.latency.get('p50_ms', float('nan')):.4g} ms, "
+            f"latency {t.latency.get('ms', float('nan')):.4g} ms, "
             + ", ".join(f"{k} {v:.4g}" for k, v in t.measured.items())
             + (f"; FAILS: {'; '.join(t.reasons)}" if t.reasons else "")))
     return latencies["fp32"]
@@ -910,7 +888,7 @@ def measure_all(spec: OnnxQuantizeSpec, ctx: StepContext, inputs: Inputs, trials
 def choose(spec: OnnxQuantizeSpec, trials: list[Trial]) -> Trial | None:
     passing = [t for t in trials if t.passed and t.path is not None]
     if spec.mode == "search":
-        return min(passing, key=lambda t: t.latency.get("p50_ms", float("inf"))) if passing else None
+        return min(passing, key=lambda t: t.latency.get("ms", float("inf"))) if passing else None
     return passing[0] if passing else None
 
 
@@ -920,14 +898,15 @@ def log_search(spec: OnnxQuantizeSpec, ctx: StepContext, inputs: Inputs, trials:
         "fp32": {"latency": fp32_latency, "bytes": inputs.source.bytes}, "gates": inputs.gates.active(),
         "chosen": chosen.config.name if chosen else None,
         "latency_settings": {"intra_op_threads": spec.intra_op_threads, "batch_size": inputs.latency_batch,
-                             "warmup_runs": spec.warmup_runs, "timed_runs": spec.timed_runs},
+                             "warmup_runs": spec.warmup_runs, "timed_runs": spec.timed_runs,
+                             "statistic": spec.latency_statistic},
         "evaluated_on": inputs.eval_data.field if inputs.eval_data else None,
         "configurations": [t.record() for t in trials],
     }
     artifacts = {"search_results": ctx.log_dict(record, "search/search_results.json")}
     table = ctx.workdir / "search_results.md"
     table.write_text(search_table(trials, fp32_latency, record["chosen"], inputs.source.bytes, spec.intra_op_threads,
-                                  inputs.latency_batch))
+                                  inputs.latency_batch, spec.latency_statistic))
     artifacts["search_table"] = ctx.log_artifact(table, "search")
     return artifacts
 
@@ -946,10 +925,10 @@ def result_metrics(inputs: Inputs, chosen: Trial, stats: dict[str, Any], fp32_la
     metrics.update({f"quantized_nodes.{op}": float(n) for op, n in stats["quantized_nodes"].items()})
     metrics.update({f"quantized_nodes.qdq.{op}": float(n) for op, n in stats["qdq_nodes"].items()})
     if fp32_latency and chosen.latency:
-        metrics["fp32_latency_ms"] = fp32_latency["p50_ms"]
-        metrics["int8_latency_ms"] = chosen.latency["p50_ms"]
-        metrics["latency_ratio"] = chosen.latency["p50_ms"] / fp32_latency["p50_ms"]
-        metrics["speedup"] = fp32_latency["p50_ms"] / chosen.latency["p50_ms"]
+        metrics["fp32_latency_ms"] = fp32_latency["ms"]
+        metrics["int8_latency_ms"] = chosen.latency["ms"]
+        metrics["latency_ratio"] = chosen.latency["ms"] / fp32_latency["ms"]
+        metrics["speedup"] = fp32_latency["ms"] / chosen.latency["ms"]
     for key in ("top1_agreement", "max_abs_error", "accuracy", "accuracy_drop", "fp32_accuracy"):
         if key in chosen.measured:
             metrics["int8_accuracy" if key == "accuracy" else key] = chosen.measured[key]
@@ -980,15 +959,15 @@ def run(spec: OnnxQuantizeSpec, ctx: StepContext) -> StepOutput:
         raise GateFailed(f"configuration {trials[0].config.name!r} failed its gate: {'; '.join(trials[0].reasons)}")
     assert chosen.path is not None
     if fp32_latency and chosen.latency:
-        slower = chosen.latency["p50_ms"] >= fp32_latency["p50_ms"]
+        slower = chosen.latency["ms"] >= fp32_latency["ms"]
         if slower:
             ctx.log.warning("The int8 model (%s) is not faster than fp32 on this CPU: %.4g ms vs %.4g ms%s",
-                            chosen.config.name, chosen.latency["p50_ms"], fp32_latency["p50_ms"],
+                            chosen.config.name, chosen.latency["ms"], fp32_latency["ms"],
                             "" if spec.mode == "search" else "; mode 'search' tries other configurations")
         if spec.require_speedup and slower:
             raise GateFailed(
-                f"require_speedup: the chosen int8 model {chosen.config.name!r} takes {chosen.latency['p50_ms']:.4g} ms, "
-                f"fp32 {fp32_latency['p50_ms']:.4g} ms ({spec.intra_op_threads} thread(s), batch {inputs.latency_batch})"
+                f"require_speedup: the chosen int8 model {chosen.config.name!r} takes {chosen.latency['ms']:.4g} ms, "
+                f"fp32 {fp32_latency['ms']:.4g} ms ({spec.intra_op_threads} thread(s), batch {inputs.latency_batch})"
             )
 
     stats = node_stats(chosen.path)
@@ -1009,10 +988,11 @@ def run(spec: OnnxQuantizeSpec, ctx: StepContext) -> StepOutput:
         "calibration": calibration,
         "evaluated_on": inputs.eval_data.field if inputs.eval_data is not None else None,
         "latency_settings": {"intra_op_threads": spec.intra_op_threads, "batch_size": inputs.latency_batch,
-                             "warmup_runs": spec.warmup_runs, "timed_runs": spec.timed_runs},
+                             "warmup_runs": spec.warmup_runs, "timed_runs": spec.timed_runs,
+                             "statistic": spec.latency_statistic},
     }
     if spec.mode == "search":
-        info["search"] = [{"config": t.config.name, "passed": t.passed, "latency_ms": t.latency.get("p50_ms"),
+        info["search"] = [{"config": t.config.name, "passed": t.passed, "latency_ms": t.latency.get("ms"),
                            **{k: t.measured[k] for k in ("top1_agreement", "accuracy_drop") if k in t.measured},
                            **({"error": t.error} if t.error else {})} for t in trials]
     report = {**info, "source": {"bytes": inputs.source.bytes, "files": inputs.source.files,

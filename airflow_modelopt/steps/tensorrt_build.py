@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from airflow_modelopt.artifacts import locate_onnx as locate_onnx_artifact
 from airflow_modelopt.data import as_model_dtype, load_npz, match_inputs
 from airflow_modelopt.exceptions import ConversionFailed, InputError, ModelOptError, StepFailed, UnsupportedHere
 from airflow_modelopt.runner import StepContext, StepOutput
@@ -240,33 +241,7 @@ class CudaMemory:
 
 def locate_onnx(path: Path, uri: str) -> Path:
     """The .onnx file of a file, a model folder, or an MLflow onnx-flavor folder."""
-    if path.is_file():
-        if path.suffix.lower() != ".onnx":
-            raise InputError(f"model_uri: {uri} is not an .onnx file (got {path.name!r}); TensorRT builds from ONNX")
-        return path
-    mlmodel = path / "MLmodel"
-    if mlmodel.is_file():
-        import yaml
-
-        try:
-            flavors = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors") or {}
-        except yaml.YAMLError as exc:
-            raise InputError(f"model_uri: {uri} has an unreadable MLmodel file: {exc}") from None
-        if "onnx" not in flavors:
-            raise InputError(f"model_uri: {uri} is an MLflow model without the onnx flavor (flavors: {sorted(flavors)})")
-        candidate = path / str((flavors["onnx"] or {}).get("data") or "model.onnx")
-        if not candidate.is_file():
-            raise InputError(f"model_uri: {uri}: the onnx flavor names {candidate.name!r}, which is missing")
-        return candidate
-    if (path / "model.onnx").is_file():
-        return path / "model.onnx"
-    found = sorted(path.rglob("*.onnx"))
-    if len(found) == 1:
-        return found[0]
-    raise InputError(
-        f"model_uri: {uri} is a folder with {len(found)} .onnx files; expected model.onnx (with its external data "
-        "next to it) or an MLflow onnx-flavor model folder"
-    )
+    return locate_onnx_artifact(path, uri, purpose="; TensorRT builds from ONNX")
 
 
 def onnx_bytes(onnx_path: Path) -> int:

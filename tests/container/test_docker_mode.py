@@ -12,7 +12,7 @@ import pytest
 
 from airflow_modelopt import __version__
 from tests.conftest import REPO, make_airflow_home
-from tests.integration.test_dag_local import DAG_ID, STEP_TASKS, dag_conf, step_runs_of_latest_dag_run
+from tests.integration.test_dag_local import DAG_ID, dag_conf, step_runs_of_latest_dag_run
 
 TORCH_IMAGE = f"airflow-modelopt-torch:{__version__}"
 BASE_IMAGE = f"airflow-modelopt-base:{__version__}"
@@ -38,24 +38,38 @@ def docker_home(tmp_path_factory, mlflow_server, images):
     })
 
 
+DOCKER_TARGETS = ["onnx_fp32", "onnx_int8_static", "pruned_onnx_int8"]
+#: The image family each step task must have run in.
+EXPECTED_FAMILY = {
+    "train": "torch", "optimize.export_onnx": "torch", "optimize.onnx_int8_static": "base",
+    "optimize.prune": "torch", "optimize.export_pruned_onnx": "torch", "optimize.pruned_onnx_int8": "base",
+    "optimize.promote": "base",
+    # validation reads the .pt2 reference: torch; benchmarks of ONNX candidates: base
+    **{f"optimize.validate_{t}": "torch" for t in DOCKER_TARGETS},
+    **{f"optimize.benchmark_{t}": "base" for t in DOCKER_TARGETS},
+}
+
+
 def test_dag_runs_in_docker_and_records_image_and_digest(docker_home, mlflow_server, images):
-    proc = docker_home.run("dags", "test", DAG_ID, "-c", dag_conf(epochs=4, execution_mode="docker",
-                                                                  registered_model_name="digits-docker-test"))
+    """Export, ORT quantization, pruning, validation, benchmark and promotion, each in its image."""
+    proc = docker_home.run("dags", "test", DAG_ID, "-c", dag_conf(
+        epochs=4, execution_mode="docker", registered_model_name="digits-docker-test", targets=DOCKER_TARGETS))
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert "Starting docker container from image airflow-modelopt-torch" in proc.stdout + proc.stderr
     client = mlflow_server.client()
     _, steps = step_runs_of_latest_dag_run(client, DAG_ID)
-    assert set(steps) == STEP_TASKS
-    # Each step ran in its image: torch for torch work (validate reads the .pt2 reference), base for the rest.
-    expected = {"train": "torch", "optimize.export_onnx": "torch", "optimize.validate_onnx_fp32": "torch",
-                "optimize.benchmark_onnx_fp32": "base", "optimize.promote": "base"}
+    assert set(steps) == set(EXPECTED_FAMILY)
     for task_id, run in steps.items():
         tags = run.data.tags
         assert tags["modelopt.execution_mode"] == "docker"
-        family = expected[task_id]
+        family = EXPECTED_FAMILY[task_id]
         assert tags["modelopt.image"] == {"torch": TORCH_IMAGE, "base": BASE_IMAGE}[family], task_id
         assert tags["modelopt.image_digest"] == images[family], task_id
-    assert client.get_model_version_by_alias("digits-docker-test", "champion") is not None
+        assert tags["modelopt.status"] == "succeeded", task_id
+    for target in DOCKER_TARGETS:
+        assert client.get_model_version_by_alias("digits-docker-test", target) is not None
+    assert steps["optimize.prune"].data.metrics["params_after"] < steps["optimize.prune"].data.metrics["params_before"]
+    assert steps["optimize.onnx_int8_static"].data.metrics["size_ratio"] < 0.5
     export = steps["optimize.export_onnx"]
     assert export.data.metrics["max_abs_error_batch_1"] < 1e-4
     assert export.data.metrics["max_abs_error_batch_7"] < 1e-4

@@ -43,6 +43,7 @@ def test_unknown_calibration_method_is_named_with_the_allowed_ones():
     ({"min_top1_agreement": 1.5}, r"min_top1_agreement: Input should be less than or equal to 1"),
     ({"calibration_percentile": 50}, r"calibration_percentile: Input should be greater than 90"),
     ({"model_uri": "s3://bucket/model.onnx"}, r"model_uri: unknown URI scheme 's3'"),
+    ({"latency_statistic": "p99"}, r"latency_statistic: Input should be 'median' or 'min'"),
 ])
 def test_bad_types_and_ranges_name_the_field(fields, message):
     with pytest.raises(SpecError, match=message):
