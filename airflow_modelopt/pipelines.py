@@ -55,7 +55,7 @@ def _builds() -> dict[str, Build]:
         Build("tflite_int8", "TFLiteQuantizeOperator", {"mode": "int8", "calibration_data_uri": "{calibration}"},
               "export_onnx", "onnx_model"),
         Build("prune", "PruneOperator", {"method": "structured", "sparsity": 0.5, "fine_tune_epochs": 3,
-                                         "train_data_uri": "{calibration}", "eval_data_uri": "{eval}"}),
+                                         "train_data_uri": "{train}", "eval_data_uri": "{eval}"}),
         Build("export_pruned_onnx", "TorchToOnnxOperator", {"data_uri": "{eval}"}, "prune", "model_pt2"),
         Build("pruned_onnx_int8", "OnnxQuantizeOperator",
               {"mode": "static", "calibration_data_uri": "{calibration}"}, "export_pruned_onnx", "onnx_model"),
@@ -101,6 +101,7 @@ def optimization_pipeline(
     eval_data_uri: str,
     targets: Any,
     registered_model_name: str,
+    train_data_uri: str | None = None,
     group_id: str = "optimize",
     max_accuracy_drop: Any = 0.02,
     min_top1_agreement: Any = None,
@@ -125,7 +126,9 @@ def optimization_pipeline(
     for t in available_targets:
         if t not in TARGET_CHAINS:
             raise ValueError(f"available_targets: unknown target {t!r}; choose from {', '.join(TARGETS)}")
-    fills = {"{eval}": eval_data_uri, "{calibration}": calibration_data_uri}
+    # Pruning fine-tunes on the training data when given, else on the calibration split.
+    fills = {"{eval}": eval_data_uri, "{calibration}": calibration_data_uri,
+             "{train}": train_data_uri or calibration_data_uri}
     common: dict[str, Any] = {"force": force}
     if execution_mode is not None:
         common["execution_mode"] = execution_mode

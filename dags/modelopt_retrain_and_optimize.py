@@ -46,6 +46,7 @@ with DAG(
         model_uri=artifact("train", "model_pt2"),
         calibration_data_uri=artifact("train", "calibration_data"),
         eval_data_uri=artifact("train", "eval_data"),
+        train_data_uri=artifact("train", "train_data"),
         targets="{{ params.targets }}",
         registered_model_name="{{ params.registered_model_name }}",
         max_accuracy_drop="{{ params.max_accuracy_drop }}",
