@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
 
-from mlflow import MlflowClient
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+from mlflow import MlflowClient  # noqa: E402
 
 DAG_ID = "modelopt_retrain_and_optimize"
 SHOWN = ("eval_accuracy", "train_time_s", "export_time_s", "max_abs_error_batch_1", "max_abs_error_batch_7",
@@ -49,7 +52,7 @@ def main(airflow_home: str) -> int:
         print(f"Policy: {promoted['decision']}")
         print(f"Aliases of {promoted['registered_model_name']}: "
               + ", ".join(f"@{a} -> v{v}" for a, v in sorted(promoted["aliases"].items())))
-        print(f"Load one: mlflow.pyfunc / download models:/{promoted['registered_model_name']}@champion")
+        print(f"Fetch the champion: mlflow.artifacts.download_artifacts('models:/{promoted['registered_model_name']}@champion')")
     print("\nSee it in the MLflow UI:")
     print(f"  .venv/bin/mlflow ui --backend-store-uri {uri} --port 5000   # then open http://127.0.0.1:5000")
     return 0

@@ -6,6 +6,7 @@ The tracking server runs on the host's loopback, so containers use host networki
 
 from __future__ import annotations
 
+import json
 import subprocess
 
 import pytest
@@ -102,3 +103,21 @@ def test_missing_image_gives_one_clear_error(tmp_path_factory, mlflow_server, im
     out = proc.stdout + proc.stderr
     assert "image 'airflow-modelopt-torch:no-such-tag' is not present on the Docker engine and could not be pulled" in out
     assert "make images" in out
+
+
+def test_optimize_dag_in_docker_promotes_from_a_model_uri(docker_home, mlflow_server, images, example_model):
+    """modelopt_optimize as a user triggers it: URIs of a model already in MLflow, steps in containers."""
+    artifacts = example_model["artifacts"]
+    conf = {"model_uri": artifacts["model_pt2"], "calibration_data_uri": artifacts["calibration_data"],
+            "eval_data_uri": artifacts["eval_data"], "targets": ["onnx_fp32", "onnx_int8_dynamic"],
+            "registered_model_name": "digits-optimize-docker", "execution_mode": "docker"}
+    proc = docker_home.run("dags", "test", "modelopt_optimize", "-c", json.dumps(conf))
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    client = mlflow_server.client()
+    _, steps = step_runs_of_latest_dag_run(client, "modelopt_optimize")
+    assert {run.data.tags["modelopt.execution_mode"] for run in steps.values()} == {"docker"}
+    assert steps["optimize.onnx_int8_dynamic"].data.tags["modelopt.image"] == BASE_IMAGE
+    versions = client.search_model_versions("name = 'digits-optimize-docker'")
+    assert sorted(v.tags["modelopt.target"] for v in versions) == ["onnx_fp32", "onnx_int8_dynamic"]
+    champion = client.get_model_version_by_alias("digits-optimize-docker", "champion")
+    assert champion.tags["modelopt.target"] in ("onnx_fp32", "onnx_int8_dynamic")
