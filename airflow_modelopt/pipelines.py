@@ -197,6 +197,7 @@ def optimization_pipeline(
         promote = ops.PromoteModelOperator(
             task_id="promote", registered_model_name=registered_model_name, objective=objective,
             candidate_tasks=candidate_tasks, selected_targets=targets, source_model_uri=model_uri,
+            calibration_data_uri=calibration_data_uri,
             **common, **extra.get("promote", {}))
         branch_ends >> promote
     return group

@@ -48,10 +48,14 @@ class PromoteSpec(StepSpec):
     """Register every passing candidate in the MLflow Model Registry and move aliases by policy."""
 
     image_family: ClassVar[str] = "base"
+    input_fields: ClassVar[tuple[str, ...]] = ("calibration_data_uri",)
 
     step: Literal["promote"] = "promote"
     registered_model_name: str = Field(description="Registered model the candidates become versions of")
     candidates: list[Candidate] = Field(min_length=1, description="Every candidate of the DAG run, passing or not")
+    calibration_data_uri: ArtifactUri | None = Field(
+        None, description="Calibration data the candidates were built with; its content digest tags every version"
+    )
     objective: Objective = Field("latency_p50", description="What the champion minimizes: latency_p50 or size")
     accuracy_drop_tolerance: float = Field(
         0.0, ge=0, le=1,

@@ -22,6 +22,7 @@ from typing import Any
 from airflow_modelopt.exceptions import InputError, StepFailed
 from airflow_modelopt.runner import StepContext, StepOutput
 from airflow_modelopt.specs.promote import OBJECTIVE_METRICS, Candidate, PromoteSpec
+from airflow_modelopt.tracking import digest
 from airflow_modelopt.version import __version__
 
 TAG_KEY = "modelopt.candidate_key"
@@ -54,7 +55,7 @@ def _candidate_key(c: Candidate) -> str:
     return hashlib.sha256(f"{c.target}|{c.model_uri}".encode()).hexdigest()
 
 
-def _version_tags(spec: PromoteSpec, c: Candidate) -> dict[str, str]:
+def _version_tags(spec: PromoteSpec, c: Candidate, calibration_digest: str | None = None) -> dict[str, str]:
     import mlflow
 
     ctx = spec.context
@@ -66,13 +67,16 @@ def _version_tags(spec: PromoteSpec, c: Candidate) -> dict[str, str]:
         "modelopt.tool_versions": json.dumps({"airflow-modelopt": __version__, "mlflow": mlflow.__version__}),
         "airflow.dag_id": ctx.dag_id or "",
         "airflow.run_id": ctx.run_id or "",
+        "modelopt.calibration_data_uri": spec.calibration_data_uri or "",
+        "modelopt.calibration_data_sha256": calibration_digest or "",
     }
     tags.update({f"{METRIC_TAG}{k}": repr(float(v)) for k, v in c.metrics.items()})
     tags.update({f"modelopt.run.{k}": v for k, v in c.run_ids.items()})
     return {k: v for k, v in tags.items() if v != ""}
 
 
-def _register(client: Any, spec: PromoteSpec, c: Candidate, log: Any) -> tuple[Any, bool]:
+def _register(client: Any, spec: PromoteSpec, c: Candidate, log: Any,
+              calibration_digest: str | None = None) -> tuple[Any, bool]:
     """(model version, registered now?) — reuses the version a previous attempt registered."""
     import mlflow
 
@@ -87,9 +91,9 @@ def _register(client: Any, spec: PromoteSpec, c: Candidate, log: Any) -> tuple[A
         run_id, _, path = c.model_uri[len("runs:/"):].partition("/")
         source = client.get_run(run_id).info.artifact_uri.rstrip("/") + "/" + path.strip("/")
         version = client.create_model_version(spec.registered_model_name, source, run_id=run_id,
-                                              tags=_version_tags(spec, c))
+                                              tags=_version_tags(spec, c, calibration_digest))
     else:
-        version = mlflow.register_model(c.model_uri, spec.registered_model_name, tags=_version_tags(spec, c),
+        version = mlflow.register_model(c.model_uri, spec.registered_model_name, tags=_version_tags(spec, c, calibration_digest),
                                         await_registration_for=300)
     deadline = time.monotonic() + 300
     while version.status != "READY" and time.monotonic() < deadline:
@@ -178,8 +182,10 @@ def run(spec: PromoteSpec, ctx: StepContext) -> StepOutput:
     registered_now = 0
     if passing:
         _ensure_registered_model(client, name)
+    calibration = ctx.input("calibration_data_uri")
+    calibration_digest = digest(calibration) if calibration is not None else None
     for c in passing:
-        version, new = _register(client, spec, c, ctx.log)
+        version, new = _register(client, spec, c, ctx.log, calibration_digest)
         versions[c.target] = version
         registered_now += int(new)
         by_target[c.target]["version"] = int(version.version)

@@ -22,6 +22,7 @@ def _candidate(target, uri, latency, drop=0.005, passed=True, key=None, size=100
 @pytest.fixture(scope="module")
 def uris(example_model, example_onnx):
     return {"onnx": example_onnx["artifacts"]["onnx_model"], "torch": example_model["artifacts"]["pytorch_model"],
+            "calibration": example_model["artifacts"]["calibration_data"],
             "folder": example_model["artifacts"]["eval_data"].rsplit("/", 1)[0]}  # a plain artifact folder
 
 
@@ -40,7 +41,7 @@ def test_passing_candidates_registered_with_lineage_and_aliases(mlflow_server, u
         _candidate("onnx_fp32", uris["onnx"], latency=2.0),
         _candidate("torch_fp32", uris["torch"], latency=3.0),
         _candidate("onnx_int8_static", uris["onnx"], latency=1.0, drop=0.09, passed=False),
-    ])
+    ], calibration_data_uri=uris["calibration"])
     client = mlflow_server.client()
     versions = {v.tags["modelopt.target"]: v for v in client.search_model_versions(f"name = '{name}'")}
     assert set(versions) == {"onnx_fp32", "torch_fp32"}, "a failing candidate must not be registered"
@@ -49,6 +50,7 @@ def test_passing_candidates_registered_with_lineage_and_aliases(mlflow_server, u
     assert '"step": "torch_to_onnx"' in v.tags["modelopt.lineage"]
     assert float(v.tags["modelopt.metric.latency_ms_p50"]) == 2.0
     assert v.tags["airflow.dag_id"] == "promote_test"
+    assert len(v.tags["modelopt.calibration_data_sha256"]) == 64
     assert client.get_model_version_by_alias(name, "onnx_fp32").version == v.version
     assert client.get_model_version_by_alias(name, "champion").version == v.version  # fastest passing
     assert result["info"]["aliases"]["champion"] == int(v.version)
