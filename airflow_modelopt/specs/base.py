@@ -172,4 +172,10 @@ def parse_spec(step: str, raw: dict[str, Any] | str) -> StepSpec:
     try:
         return cls.model_validate(data)
     except ValidationError as exc:
-        raise SpecError(format_validation_error(exc)) from None
+        message = format_validation_error(exc)
+        if any(e["type"] == "extra_forbidden" for e in exc.errors()):
+            from airflow_modelopt.version import __version__
+
+            message += (f"\n(this is airflow-modelopt {__version__}; if the Airflow side runs a newer provider, "
+                        "rebuild or update the step images to match it)")
+        raise SpecError(message) from None

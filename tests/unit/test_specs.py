@@ -84,3 +84,8 @@ def test_result_line_is_compact_json():
     line = result.to_line()
     assert "\n" not in line
     assert json.loads(line)["artifacts"] == {"onnx_model": "models:/m-1"}
+
+
+def test_unknown_field_hints_at_a_version_skew():
+    with pytest.raises(SpecError, match=r"(?s)colour: unknown field.*rebuild or update the step images"):
+        parse_spec("torch_to_onnx", {"model_uri": "/m.pt2", "data_uri": "/d.npz", "colour": "blue"})
