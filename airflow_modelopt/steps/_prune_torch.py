@@ -330,7 +330,6 @@ class _Lifter:
             self._replace(node, name, (a["input"],), [w, b])
 
     def linear(self, node: Any, a: dict[str, Any]) -> None:
-        import torch
 
         w, b = self._attr_node(a["weight"]), a.get("bias")
         if w is None or (b is not None and self._attr_node(b) is None):
@@ -338,13 +337,19 @@ class _Lifter:
         weight = self._tensor(w)
         if weight.dim() != 2:
             return
+        name = self._place_linear(node, w, b, weight)
+        if name:
+            self._replace(node, name, (a["input"],), [w, b])
+
+    def _place_linear(self, node: Any, w: Any, b: Any, weight: Any) -> str | None:
+        """An nn.Linear holding the graph's weight (and bias) attributes, placed in the module tree."""
+        import torch
+
         module = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=b is not None, device="meta")
         module.weight = weight
         if b is not None:
             module.bias = self._tensor(b)
-        name = self._place(self._base(w.target, ".weight"), module, f"lifted_{node.name}")
-        if name:
-            self._replace(node, name, (a["input"],), [w, b])
+        return self._place(self._base(w.target, ".weight"), module, f"lifted_{node.name}")
 
     def batch_norm(self, node: Any, a: dict[str, Any], replace_node: Any = None) -> None:
         import torch
@@ -403,11 +408,7 @@ class _Lifter:
         weight = self._tensor(w)
         if weight.dim() != 2 or (b is not None and _get_attr(self.source, b.target).dim() != 1):
             return
-        module = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=b is not None, device="meta")
-        module.weight = weight
-        if b is not None:
-            module.bias = self._tensor(b)
-        name = self._place(self._base(w.target, ".weight"), module, f"lifted_{node.name}")
+        name = self._place_linear(node, w, b, weight)
         if name:
             self._replace(node, name, (a["mat1"],), [])
             self.graph.erase_node(mat2)

@@ -187,6 +187,16 @@ def check_gate(spec: PruneSpec, metrics: dict[str, float]) -> None:
         )
 
 
+def _reached(sparsity: float, sparsity_before: float, zeros: int, total: int,
+             **pairs: tuple[float, float]) -> dict[str, float]:
+    """The measured sparsity and every before/after pair (``<name>_before``, ``_after``, ``_ratio``)."""
+    metrics: dict[str, float] = {"sparsity": sparsity, "sparsity_before": sparsity_before,
+                                 "zero_weights": float(zeros), "prunable_weights": float(total)}
+    for name, (before, after) in pairs.items():
+        _before_after(metrics, name, before, after)
+    return metrics
+
+
 def _before_after(metrics: dict[str, float], name: str, before: float, after: float) -> None:
     metrics[f"{name}_before"] = float(before)
     metrics[f"{name}_after"] = float(after)
@@ -255,12 +265,9 @@ def run_torch(spec: PruneSpec, ctx: StepContext, path: Path) -> StepOutput:
     sparsity, zeros, total = pt.weight_sparsity(model)
     params_after, flops_after = pt.count_params(model), pt.count_flops(model, feeds, names)
     shapes_after = pt.channel_counts(model)
-    metrics: dict[str, float] = {"sparsity": sparsity, "sparsity_before": sparsity_before,
-                                 "zero_weights": float(zeros), "prunable_weights": float(total)}
-    _before_after(metrics, "params", params_before, params_after)
-    _before_after(metrics, "flops", flops_before, flops_after)
-    _before_after(metrics, "bytes", bytes_before, bytes_after)
-    _before_after(metrics, "gzip_bytes", gzip_before, gzip_after)
+    metrics = _reached(sparsity, sparsity_before, zeros, total,
+                       params=(params_before, params_after), flops=(flops_before, flops_after),
+                       bytes=(bytes_before, bytes_after), gzip_bytes=(gzip_before, gzip_after))
     if spec.method == "structured":
         pruned_layers = [n for n in shapes_before if n not in kept]
         ch_before = sum(shapes_before[n][0] for n in pruned_layers)
@@ -367,12 +374,9 @@ def run_keras(spec: PruneSpec, ctx: StepContext, path: Path) -> StepOutput:
     bytes_after, gzip_after = size_of(out_path)
     sparsity, zeros, total, per_layer = pk.weight_sparsity(stripped, pruned_names)
     params_after, flops_after = stripped.count_params(), pk.count_flops(stripped)
-    metrics: dict[str, float] = {"sparsity": sparsity, "sparsity_before": sparsity_before,
-                                 "zero_weights": float(zeros), "prunable_weights": float(total)}
-    _before_after(metrics, "params", params_before, params_after)
-    _before_after(metrics, "flops", flops_before, flops_after)
-    _before_after(metrics, "bytes", bytes_before, bytes_after)
-    _before_after(metrics, "gzip_bytes", gzip_before, gzip_after)
+    metrics = _reached(sparsity, sparsity_before, zeros, total,
+                       params=(params_before, params_after), flops=(flops_before, flops_after),
+                       bytes=(bytes_before, bytes_after), gzip_bytes=(gzip_before, gzip_after))
     if evaluation:
         metrics["accuracy_before"] = float(acc_before)
         metrics["accuracy_after"] = pk.accuracy(stripped, eval_x, evaluation[1], names)
