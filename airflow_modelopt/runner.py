@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from airflow_modelopt import tracking
-from airflow_modelopt.exceptions import InputError, ModelOptError
 from airflow_modelopt.specs import StepResult, StepSpec, Verdict, parse_spec
 from airflow_modelopt.version import __version__
 
@@ -243,4 +242,4 @@ def _flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-__all__ = ["InputError", "ModelOptError", "StepContext", "StepOutput", "cache_key", "run_step"]
+__all__ = ["StepContext", "StepOutput", "cache_key", "run_step"]

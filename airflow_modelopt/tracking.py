@@ -10,7 +10,6 @@ import hashlib
 import logging
 import os
 import re
-import shutil
 import time
 import urllib.error
 import urllib.request
@@ -196,11 +195,3 @@ def find_cached(client: MlflowClient, experiment_id: str, key: str) -> Any | Non
             return run
     return None
 
-
-def copy_tree(src: Path, dst: Path) -> Path:
-    if src.is_dir():
-        shutil.copytree(src, dst, dirs_exist_ok=True)
-    else:
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src, dst)
-    return dst

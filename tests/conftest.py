@@ -176,11 +176,16 @@ def docker_available() -> str | None:
     return None
 
 
-@pytest.fixture(scope="session")
-def docker_engine() -> None:
-    reason = docker_available()
+def skip_unless_available(reason: str | None, require_var: str, what: str) -> None:
+    """Skip a tier whose service is missing, or fail when CI set ``require_var=1``."""
     if reason is None:
         return
-    if os.environ.get("MODELOPT_REQUIRE_DOCKER") == "1":
-        pytest.fail(f"MODELOPT_REQUIRE_DOCKER=1 but {reason}")
-    pytest.skip(f"container tests need a Docker engine: {reason} (start dockerd, or see .ci/run)")
+    if os.environ.get(require_var) == "1":
+        pytest.fail(f"{require_var}=1 but {reason}")
+    pytest.skip(f"{what}: {reason}")
+
+
+@pytest.fixture(scope="session")
+def docker_engine() -> None:
+    skip_unless_available(docker_available(), "MODELOPT_REQUIRE_DOCKER",
+                          "container tests need a Docker engine (start dockerd, or see .ci/run)")

@@ -66,9 +66,6 @@ class StepSpec(_Strict):
     step: str
     context: RunContext = Field(default_factory=RunContext)
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
         super().__pydantic_init_subclass__(**kwargs)

@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import MlflowServer, free_port, make_airflow_home, wait_http
+from tests.conftest import MlflowServer, free_port, make_airflow_home, skip_unless_available, wait_http
 
 CHROMIUM = Path(os.environ.get("MODELOPT_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = [
@@ -55,12 +55,7 @@ def e2e_unavailable() -> str | None:
 @pytest.fixture(scope="session", autouse=True)
 def _e2e_requirements() -> None:
     """Skip (or, with MODELOPT_REQUIRE_E2E=1, fail) before any server starts."""
-    reason = e2e_unavailable()
-    if reason is None:
-        return
-    if os.environ.get("MODELOPT_REQUIRE_E2E") == "1":
-        pytest.fail(f"MODELOPT_REQUIRE_E2E=1 but {reason}")
-    pytest.skip(f"e2e tests need Chromium and playwright: {reason}")
+    skip_unless_available(e2e_unavailable(), "MODELOPT_REQUIRE_E2E", "e2e tests need Chromium and playwright")
 
 
 @pytest.hookimpl(hookwrapper=True)
