@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
 
 HEAVY = ("torch", "tensorflow", "onnxruntime", "tensorrt", "onnx", "mlflow", "keras", "jax")
@@ -23,11 +25,9 @@ def test_operators_import_no_ml_framework():
     assert _loaded_after("import airflow_modelopt.operators", HEAVY) == []
 
 
-def test_example_dag_parses_without_ml_framework():
-    statement = (
-        "import runpy; runpy.run_path('dags/modelopt_retrain_and_optimize.py')"
-    )
-    assert _loaded_after(statement, HEAVY) == []
+@pytest.mark.parametrize("dag_file", ["modelopt_retrain_and_optimize.py", "modelopt_optimize.py"])
+def test_dags_parse_without_ml_framework(dag_file):
+    assert _loaded_after(f"import runpy; runpy.run_path('dags/{dag_file}')", HEAVY) == []
 
 
 def test_container_entry_point_imports_no_airflow():
