@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: help venv demo test test-unit test-integration test-container images lint clean
+.PHONY: help venv demo test test-unit test-integration test-container test-helm images lint clean
 
 help:
 	@echo "make demo    create .venv, install, run the example DAG end to end (local mode, SQLite, local MLflow store)"
@@ -14,12 +14,12 @@ help:
 	@echo "make lint    ruff and the import-boundary contracts"
 
 # The environment: Airflow side and every container-side extra, for local mode and tests.
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml images/tensorflow/requirements-nodeps.txt
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (set PYTHON=/path/to/python3.11)"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -e ".[all,dev]"
-	$(PIP) install --no-deps "onnx2tf==1.29.24"   # its pins would downgrade TensorFlow and onnx
+	$(PIP) install --no-deps -r images/tensorflow/requirements-nodeps.txt   # onnx2tf: its pins would downgrade TensorFlow
 	touch $@
 
 venv: $(VENV)/.installed
@@ -38,6 +38,9 @@ test-integration: venv
 
 test-container: venv
 	$(VENV)/bin/pytest tests/container $(PYTEST_ARGS)
+
+test-helm: venv
+	$(VENV)/bin/pytest tests/helm $(PYTEST_ARGS)
 
 images: venv
 	PY=$(PY) bash scripts/build-images.sh
