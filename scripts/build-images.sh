@@ -5,14 +5,20 @@
 #   2. the wheelhouses, on this host, with pip (cached until pyproject.toml changes):
 #        build/wheelhouse/base/{deps,project}   everything airflow-modelopt[onnx] needs
 #        build/wheelhouse/torch/{deps,project}  only what airflow-modelopt[torch] adds
-#   3. airflow-modelopt-base:<tag> and airflow-modelopt-torch:<tag> (and :latest) with
-#      `pip install --no-index` from those wheelhouses.
+#        build/wheelhouse/tensorflow/{deps,replace,nodeps,project}  what [tensorflow,litert] adds,
+#          the base packages it needs at other versions, and onnx2tf (see images/tensorflow/Dockerfile)
+#   3. airflow-modelopt-<family>:<tag> (and :latest) for each family, with `pip install --no-index`
+#      from those wheelhouses.
 #
-#   scripts/build-images.sh [--base-image IMAGE] [--tag TAG]
+#   scripts/build-images.sh [--base-image IMAGE] [--tag TAG] [--images base,torch,tensorflow]
 #
 #   --base-image IMAGE  Python 3.11 Debian-like image to start from. Default: python:3.11-slim-bookworm
 #                       if present or pullable, else the debootstrap image of scripts/make-base-image.sh.
 #   --tag TAG           image tag (default: the version in airflow_modelopt/version.py)
+#   --images LIST       which images (default: base,torch,tensorflow; base is always built). The
+#                       tensorflow image is the big one (~4.7 GB: TensorFlow, torch, jax): leave it
+#                       out when no DAG converts to TFLite or prunes Keras models in containers.
+#                       images/tensorrt is not built here: it starts from NVIDIA's TensorRT image.
 #
 # Environment: PY (python with pip used to build the wheelhouses; default .venv/bin/python, then
 # python3; must be CPython 3.11 on x86_64 like the images), ALLOW_CUDA_TORCH=1 to accept a CUDA
@@ -32,18 +38,28 @@ usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; }
 
 base_image=""
 tag=""
+images="base,torch,tensorflow"
 while [ $# -gt 0 ]; do
   case "$1" in
     --base-image) [ $# -ge 2 ] || die "--base-image needs a value"; base_image="$2"; shift 2 ;;
     --base-image=*) base_image="${1#*=}"; shift ;;
     --tag) [ $# -ge 2 ] || die "--tag needs a value"; tag="$2"; shift 2 ;;
     --tag=*) tag="${1#*=}"; shift ;;
+    --images) [ $# -ge 2 ] || die "--images needs a value"; images="$2"; shift 2 ;;
+    --images=*) images="${1#*=}"; shift ;;
     -h|--help) usage; exit 0 ;;
     *) die "unknown argument: $1 (see --help)" ;;
   esac
 done
 
 start_all=$SECONDS
+want() { case ",$images," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
+for img in ${images//,/ }; do
+  case "$img" in base|torch|tensorflow) ;; *) die "--images: unknown image '$img' (base, torch, tensorflow)" ;; esac
+done
+families=(base)
+want torch && families+=(torch)
+want tensorflow && families+=(tensorflow)
 
 # ---- preconditions --------------------------------------------------------------------------------
 version="$(sed -n 's/^__version__ *= *["'\'']\([^"'\'']*\)["'\''].*/\1/p' airflow_modelopt/version.py)"
@@ -120,12 +136,23 @@ run_logged project-wheel env SOURCE_DATE_EPOCH=315532800 \
   "$PY" -m pip wheel --no-deps --progress-bar off -w "$tmp/dist" "$tmp/src"
 project_whl="$(ls "$tmp/dist"/airflow_modelopt-*.whl 2>/dev/null | head -n1)"
 [ -n "$project_whl" ] || die "the project wheel was not built (log: $LOGS/project-wheel.log)"
-for img in base torch; do
+for img in "${families[@]}"; do
   rm -rf "$WH/$img/project"; mkdir -p "$WH/$img/project"; cp "$project_whl" "$WH/$img/project/"
 done
 log "  $(basename "$project_whl") ($((SECONDS - t)) s)"
 
 # ---- 3. the wheelhouses --------------------------------------------------------------------------
+# Guard: torch must be the CPU build (a CUDA build drags in several GB of nvidia-* wheels).
+require_cpu_torch() { # folder
+  ls "$1"/torch-*.whl >/dev/null 2>&1 || die "no torch wheel in $1"
+  if [ "${ALLOW_CUDA_TORCH:-0}" != 1 ]; then
+    if ls "$1"/nvidia_* >/dev/null 2>&1 || ! ls "$1"/torch-*+cpu-*.whl >/dev/null 2>&1; then
+      die "pip picked a CUDA torch build ($(basename "$(ls "$1"/torch-*.whl | head -n1)")); put the CPU wheel in a folder and set PIP_FIND_LINKS to it (or ALLOW_CUDA_TORCH=1)"
+    fi
+  fi
+}
+norm() { echo "${1%%-*}" | tr 'A-Z-' 'a-z_'; } # distribution name of a wheel file name
+
 t=$SECONDS
 key="$( { echo "format $WHEELHOUSE_FORMAT"; echo "$pytag"; cat pyproject.toml; } | sha256sum | cut -d' ' -f1)"
 stamp="$WH/.stamp"
@@ -160,20 +187,50 @@ else
   done
   cp "$WH"/base/deps/pip-*.whl "$WH/torch/deps/"
   # Guard: a package in both sets at different versions would leave two copies in the torch image.
-  dup="$(for f in "$WH"/base/deps/*.whl "$WH"/torch/deps/*.whl; do b="${f##*/}"; echo "${b%%-*}" | tr 'A-Z-' 'a-z_'; done \
+  dup="$(for f in "$WH"/base/deps/*.whl "$WH"/torch/deps/*.whl; do norm "${f##*/}"; done \
          | sort | uniq -d | grep -vx pip || true)"
   [ -z "$dup" ] || die "packages in both wheelhouses: $dup"
-  # Guard: torch must be the CPU build (a CUDA build drags in several GB of nvidia-* wheels).
-  ls "$WH"/torch/deps/torch-*.whl >/dev/null 2>&1 || die "no torch wheel in the torch wheelhouse"
-  if [ "${ALLOW_CUDA_TORCH:-0}" != 1 ]; then
-    if ls "$WH"/torch/deps/nvidia_* >/dev/null 2>&1 || ! ls "$WH"/torch/deps/torch-*+cpu-*.whl >/dev/null 2>&1; then
-      die "pip picked a CUDA torch build ($(basename "$(ls "$WH"/torch/deps/torch-*.whl | head -n1)")); put the CPU wheel in a folder and set PIP_FIND_LINKS to it (or ALLOW_CUDA_TORCH=1)"
-    fi
-  fi
+  require_cpu_torch "$WH/torch/deps"
   echo "$key" >"$stamp"
   log "  wheelhouses ready ($((SECONDS - t)) s)"
 fi
 log "  base: $(ls "$WH"/base/deps/*.whl | wc -l) wheels, $(du -sh "$WH/base/deps" | cut -f1); torch adds $(($(ls "$WH"/torch/deps/*.whl | wc -l) - 1)) wheels, $(du -sh "$WH/torch/deps" | cut -f1)"
+
+# The tensorflow set is resolved on its own (litert-torch caps pydantic, so it cannot share the
+# base set's pins). What base already has as the same file is left out; a package base has at
+# another version goes to replace/, which the Dockerfile swaps in.
+if want tensorflow; then
+  t=$SECONDS
+  TFW="$WH/tensorflow"
+  tf_key="$( { echo "$key"; cat images/tensorflow/requirements-nodeps.txt; ls "$WH"/base/deps; } | sha256sum | cut -d' ' -f1)"
+  if [ -f "$TFW/.stamp" ] && [ "$(cat "$TFW/.stamp")" = "$tf_key" ] && ls "$TFW"/deps/pip-*.whl >/dev/null 2>&1; then
+    log "tensorflow wheelhouse is up to date"
+  else
+    log "downloading wheels for the tensorflow image ([tensorflow,litert] + onnx2tf; about 1.5 GB the first time)"
+    rm -f "$TFW/.stamp"
+    rm -rf "$TFW/deps" "$TFW/replace" "$TFW/nodeps"
+    mkdir -p "$TFW/deps" "$TFW/replace" "$TFW/nodeps" "$tmp/tf"
+    run_logged wheelhouse-tensorflow \
+      "$PY" -m pip wheel --progress-bar off -w "$tmp/tf" "${project_whl}[tensorflow,litert]" pip
+    run_logged wheelhouse-tensorflow-nodeps \
+      "$PY" -m pip wheel --no-deps --progress-bar off -w "$TFW/nodeps" -r images/tensorflow/requirements-nodeps.txt
+    base_names=" $(for f in "$WH"/base/deps/*.whl; do norm "${f##*/}"; done | tr '\n' ' ')"
+    for f in "$tmp/tf"/*.whl; do
+      b="${f##*/}"
+      case "$b" in airflow_modelopt-*) continue ;; esac
+      if [ "$(norm "$b")" = pip ]; then mv "$f" "$TFW/deps/" # installs deps/, not itself installed
+      elif [ -e "$WH/base/deps/$b" ]; then continue
+      elif [[ "$base_names" == *" $(norm "$b") "* ]]; then mv "$f" "$TFW/replace/"
+      else mv "$f" "$TFW/deps/"
+      fi
+    done
+    require_cpu_torch "$TFW/deps"
+    echo "$tf_key" >"$TFW/.stamp"
+    log "  tensorflow wheelhouse ready ($((SECONDS - t)) s)"
+  fi
+  replaced_pkgs="$(ls "$TFW/replace" | sed 's/-py3.*\|-cp3.*//' | tr '\n' ' ')"
+  log "  tensorflow adds $(($(ls "$TFW"/deps/*.whl | wc -l) - 1)) wheels, $(du -sh "$TFW/deps" | cut -f1); replaces: ${replaced_pkgs:-nothing}"
+fi
 
 # ---- 4. the images ------------------------------------------------------------------------------
 replaced=() # image IDs that this run's builds untagged; removed at the end, children first
@@ -188,21 +245,28 @@ build() { # name dockerfile context build-args...
   [ -z "$old" ] || [ "$old" = "$(docker image inspect -f '{{.Id}}' "$name:$tag")" ] || replaced=("$old" "${replaced[@]}")
 }
 build airflow-modelopt-base images/base/Dockerfile "$WH/base" --build-arg "BASE_IMAGE=$base_image"
-build airflow-modelopt-torch images/torch/Dockerfile "$WH/torch" \
-  --build-arg "BASE_IMAGE=airflow-modelopt-base:$tag" --build-arg "PYTHON_IMAGE=$base_image"
+for family in "${families[@]:1}"; do
+  build "airflow-modelopt-$family" "images/$family/Dockerfile" "$WH/$family" \
+    --build-arg "BASE_IMAGE=airflow-modelopt-base:$tag" --build-arg "PYTHON_IMAGE=$base_image"
+done
 
 # ---- 5. smoke test ------------------------------------------------------------------------------
 log "smoke test"
-docker run --rm "airflow-modelopt-base:$tag" python -c 'import airflow_modelopt, onnx, onnxruntime, mlflow' \
-  || die "airflow-modelopt-base:$tag does not import its packages"
-docker run --rm "airflow-modelopt-torch:$tag" python -c 'import airflow_modelopt, torch, sklearn, onnxruntime' \
-  || die "airflow-modelopt-torch:$tag does not import its packages"
+declare -A smoke=(
+  [base]='import airflow_modelopt, onnx, onnxruntime, mlflow'
+  [torch]='import airflow_modelopt, torch, sklearn, onnxruntime'
+  [tensorflow]='import airflow_modelopt, tensorflow, tf_keras, onnx2tf, litert_torch, onnxruntime'
+)
+for family in "${families[@]}"; do
+  docker run --rm "airflow-modelopt-$family:$tag" python -c "${smoke[$family]}" \
+    || die "airflow-modelopt-$family:$tag does not import its packages"
+done
 
 # The previous build of each image, if now untagged (else every code change would leave a
 # dangling GB behind). `docker rmi` refuses images still tagged or used by a container.
 for id in "${replaced[@]}"; do docker rmi "$id" >/dev/null 2>&1 || true; done
 
-for name in airflow-modelopt-base airflow-modelopt-torch; do
-  log "$name:$tag  $(docker image inspect -f '{{.Size}}' "$name:$tag" | awk '{printf "%.0f MB", $1/1e6}')"
+for family in "${families[@]}"; do
+  log "airflow-modelopt-$family:$tag  $(docker image inspect -f '{{.Size}}' "airflow-modelopt-$family:$tag" | awk '{printf "%.0f MB", $1/1e6}')"
 done
 log "done in $((SECONDS - start_all)) s"

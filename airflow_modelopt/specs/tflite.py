@@ -41,10 +41,11 @@ class TFLiteQuantizeSpec(StepSpec):
     source_format: TFLiteSourceFormat = Field(
         "auto", description="Which converter path to take; auto detects it from the model artifact"
     )
-    io_type: TFLiteIOType = Field(
-        "int8",
-        description="Input and output tensor type of a full int8 model (mode int8 only): int8, "
-        "uint8, or float32 (quantize/dequantize ops at the edges)",
+    io_type: TFLiteIOType | None = Field(
+        None,
+        description="Input and output tensor type of a full int8 model (mode int8 only): int8 "
+        "(the default there), uint8, or float32 (quantize/dequantize ops at the edges). Other modes "
+        "keep float32 inputs and outputs",
     )
     per_channel: bool = Field(True, description="Per-channel (per output channel) weight scales for int8 modes")
     calibration_samples: int = Field(
@@ -82,7 +83,9 @@ class TFLiteQuantizeSpec(StepSpec):
                 "calibration_data_uri (an .npz keyed by input name, or x) or choose mode fp32, fp16 or "
                 "dynamic_int8"
             )
-        if self.mode != "int8" and "io_type" in self.model_fields_set and self.io_type != "float32":
+        # Checked on the value, not on whether it was set: the spec crosses to the container as
+        # JSON with every field, where "set" and "default" look the same.
+        if self.mode != "int8" and self.io_type not in (None, "float32"):
             raise ValueError(
                 f"io_type={self.io_type!r} applies to mode='int8' only; mode={self.mode!r} keeps float32 "
                 "inputs and outputs"
@@ -98,3 +101,10 @@ class TFLiteQuantizeSpec(StepSpec):
                 "(source_format='pytorch') never emits Flex ops"
             )
         return self
+
+    @property
+    def interface_type(self) -> str:
+        """The TFLite model's input/output type: io_type for full int8 (int8 unless given), else float32."""
+        if self.mode != "int8":
+            return "float32"
+        return self.io_type or "int8"

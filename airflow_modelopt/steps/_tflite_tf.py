@@ -119,8 +119,8 @@ class SavedModelConverter:
 
             converter.representative_dataset = representative
             types = {"int8": tf.int8, "uint8": tf.uint8, "float32": tf.float32}
-            converter.inference_input_type = types[spec.io_type]
-            converter.inference_output_type = types[spec.io_type]
+            converter.inference_input_type = types[spec.interface_type]
+            converter.inference_output_type = types[spec.interface_type]
             if not spec.per_channel:
                 converter._experimental_disable_per_channel = True
         if spec.allow_select_tf_ops:

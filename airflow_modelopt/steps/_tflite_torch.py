@@ -162,8 +162,8 @@ class TorchPath:
         except Exception as exc:  # noqa: BLE001
             raise ConversionFailed(f"ai-edge-quantizer ({spec.mode}) failed: {type(exc).__name__}: {clean(str(exc))[:1500]}") from None
         content = bytes(result.quantized_model)
-        if spec.mode == "int8" and spec.io_type != "float32":
-            content = modify_interface(content, spec.io_type, workdir)
+        if spec.interface_type != "float32":
+            content = modify_interface(content, spec.interface_type, workdir)
         return content
 
 

@@ -378,7 +378,7 @@ def run(spec: TFLiteQuantizeSpec, ctx: StepContext) -> StepOutput:
         "source_format": source.format,
         "source_kind": source.kind,
         "mode": spec.mode,
-        "io_type": spec.io_type if spec.mode == "int8" else "float32",
+        "io_type": spec.interface_type,
         "quantizer": conversion.quantizer,
         "signature": signature.model_dump(mode="json"),
         "signature_file": SIGNATURE_FILE,

@@ -1,42 +1,15 @@
-"""Docker mode with a real Docker engine and the project's images (`make images`).
-
-The tracking server runs on the host's loopback, so containers use host networking
-([modelopt] docker_network_mode=host) and reach it over HTTP: no shared disk.
-"""
+"""Docker mode with a real Docker engine and the base and torch images (`make images`)."""
 
 from __future__ import annotations
 
 import json
-import subprocess
 
-import pytest
-
-from airflow_modelopt import __version__
-from tests.conftest import REPO, make_airflow_home
+from tests.conftest import make_airflow_home
+from tests.container.conftest import IMAGES
 from tests.integration.test_dag_local import DAG_ID, dag_conf, step_runs_of_latest_dag_run
 
-TORCH_IMAGE = f"airflow-modelopt-torch:{__version__}"
-BASE_IMAGE = f"airflow-modelopt-base:{__version__}"
-
-
-@pytest.fixture(scope="module")
-def images(docker_engine):
-    ids = {}
-    for family, image in (("torch", TORCH_IMAGE), ("base", BASE_IMAGE)):
-        proc = subprocess.run(["docker", "image", "inspect", image, "--format", "{{.Id}}"],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            pytest.fail(f"image {image} is not built; run `make images` first")
-        ids[family] = proc.stdout.strip()
-    return ids
-
-
-@pytest.fixture(scope="module")
-def docker_home(tmp_path_factory, mlflow_server, images):
-    return make_airflow_home(tmp_path_factory.mktemp("airflow-docker"), {
-        "AIRFLOW_CONN_MLFLOW_DEFAULT": mlflow_server.uri,
-        "AIRFLOW__MODELOPT__DOCKER_NETWORK_MODE": "host",
-    })
+TORCH_IMAGE = IMAGES["torch"]
+BASE_IMAGE = IMAGES["base"]
 
 
 DOCKER_TARGETS = ["onnx_fp32", "onnx_int8_static", "pruned_onnx_int8"]
@@ -66,7 +39,7 @@ def test_dag_runs_in_docker_and_records_image_and_digest(docker_home, mlflow_ser
         tags = run.data.tags
         assert tags["modelopt.execution_mode"] == "docker"
         family = EXPECTED_FAMILY[task_id]
-        assert tags["modelopt.image"] == {"torch": TORCH_IMAGE, "base": BASE_IMAGE}[family], task_id
+        assert tags["modelopt.image"] == IMAGES[family], task_id
         assert tags["modelopt.image_digest"] == images[family], task_id
         assert tags["modelopt.status"] == "succeeded", task_id
     for target in DOCKER_TARGETS:
@@ -78,13 +51,8 @@ def test_dag_runs_in_docker_and_records_image_and_digest(docker_home, mlflow_ser
     assert export.data.metrics["max_abs_error_batch_7"] < 1e-4
 
 
-def test_failing_container_fails_the_task_with_its_last_log_lines(tmp_path_factory, mlflow_server, images):
-    home = make_airflow_home(tmp_path_factory.mktemp("airflow-failing"), {
-        "AIRFLOW_CONN_MLFLOW_DEFAULT": mlflow_server.uri,
-        "AIRFLOW__MODELOPT__DOCKER_NETWORK_MODE": "host",
-        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "tests" / "container" / "dags"),
-    })
-    proc = home.run("dags", "test", "modelopt_test_failing_container")
+def test_failing_container_fails_the_task_with_its_last_log_lines(test_dags_home):
+    proc = test_dags_home.run("dags", "test", "modelopt_test_failing_container")
     out = proc.stdout + proc.stderr
     assert "DagRun failed" in out or proc.returncode != 0, out[-3000:]
     assert f"step torch_to_onnx failed in container {TORCH_IMAGE} (exit code 2: bad spec or input; not retried)" in out

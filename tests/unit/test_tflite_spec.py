@@ -25,7 +25,17 @@ def test_registered_for_the_tensorflow_image_with_its_inputs():
     assert TFLiteQuantizeSpec.input_fields == ("model_uri", "calibration_data_uri")
     spec = parse(mode="fp16")
     assert (spec.source_format, spec.io_type, spec.per_channel, spec.allow_select_tf_ops, spec.keep_nchw,
-            spec.batch_size) == ("auto", "int8", True, False, False, None)
+            spec.batch_size) == ("auto", None, True, False, False, None)
+    assert spec.interface_type == "float32"
+    assert parse(mode="int8", calibration_data_uri=CALIBRATION).interface_type == "int8"
+
+
+@pytest.mark.parametrize("mode", ["fp32", "fp16", "dynamic_int8", "int8"])
+def test_the_spec_an_operator_sends_is_accepted_by_the_container(mode):
+    """Launchers send every field as JSON (defaults included); the container must parse it back."""
+    spec = parse(mode=mode, calibration_data_uri=CALIBRATION)
+    again = parse_spec("tflite_quantize", spec.model_dump_json())
+    assert again == spec
 
 
 def test_mode_is_required_and_named():
