@@ -29,9 +29,13 @@ from airflow_modelopt.exceptions import (
 from airflow_modelopt.specs import StepResult, StepSpec
 
 try:  # Airflow 3
-    from airflow.sdk.exceptions import AirflowException, AirflowFailException
+    from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSkipException
 except ImportError:  # pragma: no cover - Airflow 2
-    from airflow.exceptions import AirflowException, AirflowFailException  # type: ignore[no-redef]
+    from airflow.exceptions import (  # type: ignore[no-redef]
+        AirflowException,
+        AirflowFailException,
+        AirflowSkipException,
+    )
 
 if TYPE_CHECKING:
     from airflow.sdk import BaseOperator, Context
@@ -250,6 +254,16 @@ class DockerLauncher(Launcher):
             self.docker_operator.on_kill()
 
 
+def base_container_exit_code(pod_operator: Any) -> int | None:
+    """Exit code of the step's container in the pod a KubernetesPodOperator last saw, if it ended."""
+    remote = getattr(pod_operator, "remote_pod", None)
+    status = getattr(remote, "status", None)
+    for container in (getattr(status, "container_statuses", None) or []):
+        if container.name == pod_operator.base_container_name and container.state and container.state.terminated:
+            return container.state.terminated.exit_code
+    return None
+
+
 class KubernetesLauncher(Launcher):
     """Through the cncf.kubernetes provider's KubernetesPodOperator; result from return.json."""
 
@@ -305,7 +319,17 @@ class KubernetesLauncher(Launcher):
     def launch(self, spec: StepSpec, tracking: TrackingConfig, context: Context) -> StepResult:
         spec.context.image = config.image_for(spec.step, self.operator.image, spec.resolved_image_family())
         self.pod_operator = self.build_operator(spec, tracking)
-        raw = run_nested(self.pod_operator, context)
+        try:
+            raw = run_nested(self.pod_operator, context)
+        except AirflowSkipException:
+            raise
+        except AirflowException as exc:
+            # The provider raises one generic error for any failed pod; the step's exit code says
+            # whether a retry can help (a bad spec or a failed gate fails the same way again).
+            code = base_container_exit_code(self.pod_operator)
+            if code is None:
+                raise
+            raise failure(spec.step, f"pod of image {spec.context.image}", code, str(exc).splitlines()) from exc
         if raw is None:
             raise AirflowException(f"step {spec.step} pod wrote no /airflow/xcom/return.json")
         return StepResult.model_validate(raw if isinstance(raw, dict) else json.loads(raw))

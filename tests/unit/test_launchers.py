@@ -160,3 +160,52 @@ def test_connection_without_host_is_refused():
 
     with pytest.raises(ValueError, match="has no host"):
         MlflowHook.config_from_connection(Connection(conn_id="mlflow_default", conn_type="mlflow"))
+
+
+
+def _failed_pod_launcher(operator, monkeypatch, tmp_path, exit_code):
+    """No cluster here, so the pod's end is simulated: ``execute`` leaves the pod the provider
+    last read (step container terminated with ``exit_code``) and raises the provider's error."""
+    from airflow.sdk.exceptions import AirflowException
+    from kubernetes.client import models as k8s
+
+    (tmp_path / "kubeconfig").write_text(KUBECONFIG)
+    operator.kubernetes_kwargs["config_file"] = str(tmp_path / "kubeconfig")
+    monkeypatch.setenv("AIRFLOW__MODELOPT__KUBERNETES_MLFLOW_SECRET", "mlflow-credentials")
+    launcher = KubernetesLauncher(operator)
+    build = launcher.build_operator
+
+    def build_failing(spec, tracking):
+        pod_op = build(spec, tracking)
+
+        def execute(context):
+            pod = pod_op.build_pod_request_obj()
+            pod_op.remote_pod = k8s.V1Pod(metadata=pod.metadata, status=k8s.V1PodStatus(
+                phase="Failed", container_statuses=[k8s.V1ContainerStatus(
+                    name=pod_op.base_container_name, image=pod_op.image, image_id="", ready=False,
+                    restart_count=0, state=k8s.V1ContainerState(terminated=k8s.V1ContainerStateTerminated(
+                        exit_code=exit_code, reason="Error")))]))
+            raise AirflowException(f"Pod {pod.metadata.name} returned a failure.")
+
+        pod_op.execute = execute
+        return pod_op
+
+    launcher.build_operator = build_failing
+    return launcher
+
+
+@pytest.mark.parametrize(("exit_code", "retried", "meaning"), [
+    (2, False, "bad spec or input"), (3, False, "quality gate"), (1, True, "step failed"), (4, True, "MLflow")])
+def test_failed_pod_exit_code_decides_the_retry_simulated_pod(operator, monkeypatch, tmp_path, exit_code, retried,
+                                                              meaning):
+    from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+    launcher = _failed_pod_launcher(operator, monkeypatch, tmp_path, exit_code)
+    spec = operator.build_spec(None, mode="kubernetes")
+    with pytest.raises(AirflowException) as raised:
+        launcher.launch(spec, TRACKING, {})
+    assert isinstance(raised.value, AirflowFailException) is not retried
+    message = str(raised.value)
+    assert f"step torch_to_onnx failed in pod of image {spec.context.image} (exit code {exit_code}: " in message
+    assert meaning in message
+    assert "returned a failure" in message  # the provider's words are kept
