@@ -21,6 +21,19 @@ from airflow_modelopt.exceptions import EXIT_FAILED, EXIT_OK, ModelOptError, Spe
 from airflow_modelopt.version import __version__
 
 XCOM_DIR = Path("/airflow/xcom")
+#: Kubernetes makes this file in every container and shows its text as the container's termination
+#: message (the pod operator puts it in the task's error). Elsewhere it does not exist.
+TERMINATION_LOG = Path(os.environ.get("MODELOPT_TERMINATION_LOG", "/dev/termination-log"))
+
+
+def _report_error(message: str) -> None:
+    """The one-line error on stderr, and as the termination message where Kubernetes reads it."""
+    print(f"modelopt: error: {message}", file=sys.stderr, flush=True)
+    if TERMINATION_LOG.is_file():
+        try:
+            TERMINATION_LOG.write_text(message[-4000:])  # Kubernetes keeps at most 4096 bytes
+        except OSError:
+            pass
 
 
 def _read_spec(value: str) -> str:
@@ -75,11 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run_step(args.step, _read_spec(args.spec))
     except ModelOptError as exc:
-        print(f"modelopt: error: {exc}", file=sys.stderr, flush=True)
+        _report_error(str(exc))
         return exc.exit_code
     except Exception as exc:  # a bug or a library error: keep the traceback in the log
         log.exception("step %s failed", args.step)
-        print(f"modelopt: error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        _report_error(f"{type(exc).__name__}: {exc}")
         return EXIT_FAILED
     line = result.to_line()
     if XCOM_DIR.is_dir():
