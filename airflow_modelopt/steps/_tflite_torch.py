@@ -43,6 +43,7 @@ class TorchPath:
         self.spec = spec
         self.batch = spec.batch_size or 1
         self.module: Any = None
+        self.static_batch: int | None = None  # the exported program's batch size when it is not dynamic
         self.inputs: list[TensorIO] = []
         self.outputs: list[TensorIO] = []
 
@@ -72,8 +73,20 @@ class TorchPath:
                     f"model_uri: the shape of input {name!r} is not recorded in the model; give a torch.export "
                     "ExportedProgram (.pt2), which records it"
                 )
+            if self.static_batch is None and shape:
+                self.static_batch = shape[0]
             layout = layout_for(len(shape), False)  # litert-torch keeps the PyTorch layout
-            self.inputs.append(TensorIO(name=name, shape=shape, layout=layout, tflite_layout=layout))
+            # the batch: fixed by the converter (batch_size), not by the source
+            self.inputs.append(TensorIO(name=name, shape=[None, *shape[1:]] if shape else shape, layout=layout,
+                                        tflite_layout=layout))
+        if self.static_batch:  # exported without a dynamic batch: it runs at that batch size only
+            if self.spec.batch_size not in (None, self.static_batch):
+                raise InputError(
+                    f"batch_size: the model was exported with a fixed batch of {self.static_batch} "
+                    f"(input {names[0]!r}), got batch_size={self.spec.batch_size}; re-export it with a "
+                    "dynamic batch dimension or leave batch_size unset"
+                )
+            self.batch = self.static_batch
 
     def describe_outputs(self, sample: dict[str, np.ndarray]) -> None:
         outs = self.run_source(sample)
@@ -86,7 +99,12 @@ class TorchPath:
     def run_source(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         from airflow_modelopt.steps.torch_to_onnx import torch_outputs
 
-        return torch_outputs(self.module, feeds, [i.name for i in self.inputs])
+        names = [i.name for i in self.inputs]
+        if not self.static_batch:
+            return torch_outputs(self.module, feeds, names)
+        n = next(iter(feeds.values())).shape[0]
+        chunks = [torch_outputs(self.module, part, names) for part in batches(feeds, self.static_batch, n)]
+        return [np.concatenate([c[i] for c in chunks])[:n] for i in range(len(chunks[0]))]
 
     def sample(self, calibration: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
         """One batch to trace with: the first calibration samples, else zeros of the recorded shape."""
@@ -171,12 +189,17 @@ def modify_interface(content: bytes, io_type: str, workdir: Path) -> bytes:
     """Float edges (QUANTIZE in, DEQUANTIZE out) -> int8 or uint8 input and output tensors.
 
     TFLite's model-interface tool rewrites the graph but leaves the signature defs pointing at the
-    old tensor numbers; they are re-pointed here by position in the subgraph's inputs/outputs."""
+    old tensor numbers; they are re-pointed here by position in the subgraph's inputs/outputs.
+    It also keeps only the flatbuffer itself: ai-edge-quantizer stores the weights of a model with
+    256 KiB or more of them after the flatbuffer (buffers by offset), so they are moved inside it
+    first, or the tool's output would point at weights it no longer has."""
     try:
         from ai_edge_litert import _pywrap_modify_model_interface as tool
     except ImportError:
         from tensorflow.lite.tools.optimize.python import _pywrap_modify_model_interface as tool
 
+    fb = _flatbuffer_utils()
+    content = bytes(fb.convert_object_to_bytearray(fb.read_model_from_bytearray(content)))
     positions = _signature_positions(content)
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         src, dst = Path(tmp, "float_io.tflite"), Path(tmp, f"{io_type}_io.tflite")
@@ -248,8 +271,6 @@ def _placeholder_shapes(module: Any, names: list[str]) -> dict[str, list[int | N
                 dims.append(int(d) if type(d) is int else None)
             except TypeError:
                 dims.append(None)
-        if dims:
-            dims[0] = None  # the batch: fixed by the converter, not by the source
         shapes[name] = dims
     return shapes
 

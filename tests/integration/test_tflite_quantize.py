@@ -223,6 +223,47 @@ def test_pytorch_full_int8_keeps_accuracy_and_is_3x_smaller(pt_fp32, pt_int8, re
     assert pt_int8["info"]["io_type"] == "int8" and pt_int8["info"]["quantizer"] == "ai_edge_quantizer"
 
 
+@pytest.fixture(scope="module")
+def wide_pt2(tmp_path_factory) -> tuple[Path, int]:
+    """A random-weight CNN with over 256 Ki parameters, exported with a fixed batch of 1 (no dynamic
+    dimension): the .pt2 and its parameter count."""
+    import torch
+
+    torch.manual_seed(0)
+    wide = torch.nn.Sequential(torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                               torch.nn.Linear(16 * 8 * 8, 384), torch.nn.ReLU(), torch.nn.Linear(384, 10)).eval()
+    pt2 = tmp_path_factory.mktemp("wide") / "wide.pt2"
+    torch.export.save(torch.export.export(wide, (torch.zeros(1, 1, 8, 8),)), pt2)
+    return pt2, sum(p.numel() for p in wide.parameters())
+
+
+def test_pytorch_full_int8_with_int8_io_keeps_weights_stored_after_the_flatbuffer(litert_python, example_model,
+                                                                                 mlflow_server, tmp_path, wide_pt2):
+    """Over 256 KiB of int8 weights, ai-edge-quantizer stores them after the flatbuffer; int8 I/O
+    then goes through TFLite's model-interface tool, which must not drop them (it did: the model
+    came out 37 KB and failed to load with "Constant buffer ... out of range offset"). The model's
+    batch is fixed at 1, so the agreement check feeds the source one sample at a time."""
+    pt2, params = wide_pt2
+    result = ok(run_tflite_step({"model_uri": str(pt2), "mode": "int8", "io_type": "int8",
+                                 "calibration_data_uri": example_model["artifacts"]["calibration_data"]},
+                                mlflow_server, python=litert_python))
+    m = result["metrics"]
+    assert m["tflite_bytes"] > params > 256 * 1024  # a byte per weight, all of them kept
+    assert m["size_ratio"] < 0.3
+    assert m["top1_agreement"] >= 0.9  # the check loads and runs the written model
+    folder = tflite_folder(result, mlflow_server, tmp_path / "out")
+    sig = json.loads((folder / "modelopt_signature.json").read_text())
+    assert sig["inputs"][0]["dtype"] == sig["outputs"][0]["dtype"] == "int8"
+
+
+def test_batch_size_other_than_a_fixed_exported_batch_is_refused(litert_python, example_model, mlflow_server,
+                                                                 wide_pt2):
+    run = run_tflite_step({"model_uri": str(wide_pt2[0]), "mode": "fp32", "batch_size": 4}, mlflow_server,
+                          python=litert_python)
+    assert run.returncode == 2, run.output[-3000:]
+    assert error_line(run).startswith("batch_size: the model was exported with a fixed batch of 1 (input 'input')")
+
+
 # -- ONNX path -----------------------------------------------------------------------------------
 
 
