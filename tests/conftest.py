@@ -92,6 +92,18 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> MlflowServer:
         proc.kill()
 
 
+#: A kubeconfig naming a server nothing listens on: the Kubernetes provider builds pods with it, and
+#: any call that would reach a cluster fails fast (no cluster runs here).
+UNREACHABLE_KUBECONFIG = """
+apiVersion: v1
+kind: Config
+clusters: [{name: none, cluster: {server: "https://127.0.0.1:1"}}]
+users: [{name: none, user: {token: unused}}]
+contexts: [{name: none, context: {cluster: none, user: none}}]
+current-context: none
+"""
+
+
 @dataclass
 class StepRun:
     returncode: int

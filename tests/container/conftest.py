@@ -6,6 +6,7 @@ The tracking server runs on the host's loopback, so containers use host networki
 
 from __future__ import annotations
 
+import json
 import subprocess
 
 import pytest
@@ -45,3 +46,18 @@ def test_dags_home(tmp_path_factory, mlflow_server, images) -> AirflowHome:
     """An Airflow home with the container tier's own DAGs (tests/container/dags/)."""
     return make_airflow_home(tmp_path_factory.mktemp("airflow-test-dags"), docker_env(
         mlflow_server, AIRFLOW__CORE__DAGS_FOLDER=str(REPO / "tests" / "container" / "dags")))
+
+
+def optimize_in_docker(home: AirflowHome, mlflow_server, example_model, targets: list[str],
+                       registered_model_name: str) -> dict[str, object]:
+    """modelopt_optimize as a user triggers it (URIs of a model already in MLflow, steps in
+    containers); returns the DAG run's step runs by task id."""
+    from tests.integration.test_dag_local import step_runs_of_latest_dag_run
+
+    artifacts = example_model["artifacts"]
+    conf = {"model_uri": artifacts["model_pt2"], "calibration_data_uri": artifacts["calibration_data"],
+            "eval_data_uri": artifacts["eval_data"], "targets": targets,
+            "registered_model_name": registered_model_name, "execution_mode": "docker"}
+    proc = home.run("dags", "test", "modelopt_optimize", "-c", json.dumps(conf))
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return step_runs_of_latest_dag_run(mlflow_server.client(), "modelopt_optimize")[1]

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
-
 from tests.conftest import make_airflow_home
-from tests.container.conftest import IMAGES
+from tests.container.conftest import IMAGES, optimize_in_docker
 from tests.integration.test_dag_local import DAG_ID, dag_conf, step_runs_of_latest_dag_run
 
 TORCH_IMAGE = IMAGES["torch"]
@@ -75,14 +73,9 @@ def test_missing_image_gives_one_clear_error(tmp_path_factory, mlflow_server, im
 
 def test_optimize_dag_in_docker_promotes_from_a_model_uri(docker_home, mlflow_server, images, example_model):
     """modelopt_optimize as a user triggers it: URIs of a model already in MLflow, steps in containers."""
-    artifacts = example_model["artifacts"]
-    conf = {"model_uri": artifacts["model_pt2"], "calibration_data_uri": artifacts["calibration_data"],
-            "eval_data_uri": artifacts["eval_data"], "targets": ["onnx_fp32", "onnx_int8_dynamic"],
-            "registered_model_name": "digits-optimize-docker", "execution_mode": "docker"}
-    proc = docker_home.run("dags", "test", "modelopt_optimize", "-c", json.dumps(conf))
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    steps = optimize_in_docker(docker_home, mlflow_server, example_model, ["onnx_fp32", "onnx_int8_dynamic"],
+                               "digits-optimize-docker")
     client = mlflow_server.client()
-    _, steps = step_runs_of_latest_dag_run(client, "modelopt_optimize")
     assert {run.data.tags["modelopt.execution_mode"] for run in steps.values()} == {"docker"}
     assert steps["optimize.onnx_int8_dynamic"].data.tags["modelopt.image"] == BASE_IMAGE
     versions = client.search_model_versions("name = 'digits-optimize-docker'")

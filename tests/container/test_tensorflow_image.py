@@ -15,7 +15,7 @@ import sys
 import pytest
 from mlflow import MlflowClient
 
-from tests.container.conftest import IMAGES
+from tests.container.conftest import IMAGES, optimize_in_docker
 from tests.integration.test_dag_local import step_runs_of_latest_dag_run
 from tests.integration.test_prune import KERAS_TRAINER
 
@@ -24,14 +24,9 @@ TF_IMAGE = IMAGES["tensorflow"]
 
 def test_optimize_dag_builds_tflite_targets_in_the_tensorflow_image(docker_home, mlflow_server, images,
                                                                       example_model):
-    artifacts = example_model["artifacts"]
-    conf = {"model_uri": artifacts["model_pt2"], "calibration_data_uri": artifacts["calibration_data"],
-            "eval_data_uri": artifacts["eval_data"], "targets": ["tflite_fp16", "tflite_int8"],
-            "registered_model_name": "digits-tflite-docker", "execution_mode": "docker"}
-    proc = docker_home.run("dags", "test", "modelopt_optimize", "-c", json.dumps(conf))
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    steps = optimize_in_docker(docker_home, mlflow_server, example_model, ["tflite_fp16", "tflite_int8"],
+                               "digits-tflite-docker")
     client = mlflow_server.client()
-    _, steps = step_runs_of_latest_dag_run(client, "modelopt_optimize")
     for target in ("tflite_fp16", "tflite_int8"):
         for task in (target, f"validate_{target}", f"benchmark_{target}"):
             tags = steps[f"optimize.{task}"].data.tags

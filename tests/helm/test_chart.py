@@ -16,6 +16,7 @@ import yaml
 from airflow_modelopt import config
 from airflow_modelopt.specs import EXECUTION_MODES, StepSpec
 from airflow_modelopt.version import __version__
+from tests.conftest import UNREACHABLE_KUBECONFIG
 from tests.helm.conftest import (
     CHART,
     EXTERNAL_VALUES,
@@ -184,16 +185,6 @@ def test_default_config_round_trips_into_the_provider(monkeypatch: pytest.Monkey
     assert tracking.tracking_uri.endswith(f":{service['spec']['ports'][0]['port']}")
 
 
-KUBECONFIG = """
-apiVersion: v1
-kind: Config
-clusters: [{name: none, cluster: {server: "https://127.0.0.1:1"}}]
-users: [{name: none, user: {token: unused}}]
-contexts: [{name: none, context: {cluster: none, user: none}}]
-current-context: none
-"""
-
-
 def test_external_config_shapes_the_step_pod(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                              external_manifests: Manifests, external_values: dict[str, Any]) -> None:
     """The provider builds its pod from the rendered config: namespace, ServiceAccount, image, Secret."""
@@ -208,7 +199,7 @@ def test_external_config_shapes_the_step_pod(monkeypatch: pytest.MonkeyPatch, tm
     assert config.image_for("tensorrt_build") == overrides["tensorrt_build"]
     assert config.KubernetesSettings.from_config().in_cluster is True
 
-    (tmp_path / "kubeconfig").write_text(KUBECONFIG)
+    (tmp_path / "kubeconfig").write_text(UNREACHABLE_KUBECONFIG)
     operator = TorchToOnnxOperator(task_id="export", model_uri="runs:/r1/model/model.pt2", data_uri="runs:/r1/data/eval.npz",
                                    kubernetes_kwargs={"config_file": str(tmp_path / "kubeconfig"), "in_cluster": False})
     spec = operator.build_spec(None, mode="kubernetes")

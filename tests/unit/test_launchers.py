@@ -17,6 +17,7 @@ from airflow_modelopt.operators.launchers import (
     command_for,
     parse_result,
 )
+from tests.conftest import UNREACHABLE_KUBECONFIG
 
 SECRET_ENV = {"MLFLOW_TRACKING_TOKEN": "s3cr3t-token"}
 TRACKING = TrackingConfig("http://mlflow.internal:5000", {"MLFLOW_TRACKING_URI": "http://mlflow.internal:5000"},
@@ -63,21 +64,11 @@ def test_docker_mode_refuses_a_local_store(operator):
         DockerLauncher(operator).launch(_spec(operator, "docker"), local, {})
 
 
-KUBECONFIG = """
-apiVersion: v1
-kind: Config
-clusters: [{name: none, cluster: {server: "https://127.0.0.1:1"}}]
-users: [{name: none, user: {token: unused}}]
-contexts: [{name: none, context: {cluster: none, user: none}}]
-current-context: none
-"""
-
-
 def test_kubernetes_pod_has_secret_env_resources_and_result_sidecar(operator, monkeypatch, tmp_path):
     """No cluster here: a kubeconfig naming an unreachable server lets the provider build the pod."""
     from kubernetes.client import models as k8s
 
-    (tmp_path / "kubeconfig").write_text(KUBECONFIG)
+    (tmp_path / "kubeconfig").write_text(UNREACHABLE_KUBECONFIG)
     operator.kubernetes_kwargs["config_file"] = str(tmp_path / "kubeconfig")
 
     monkeypatch.setenv("AIRFLOW__MODELOPT__KUBERNETES_MLFLOW_SECRET", "mlflow-credentials")
@@ -169,7 +160,7 @@ def _failed_pod_launcher(operator, monkeypatch, tmp_path, exit_code):
     from airflow.sdk.exceptions import AirflowException
     from kubernetes.client import models as k8s
 
-    (tmp_path / "kubeconfig").write_text(KUBECONFIG)
+    (tmp_path / "kubeconfig").write_text(UNREACHABLE_KUBECONFIG)
     operator.kubernetes_kwargs["config_file"] = str(tmp_path / "kubeconfig")
     monkeypatch.setenv("AIRFLOW__MODELOPT__KUBERNETES_MLFLOW_SECRET", "mlflow-credentials")
     launcher = KubernetesLauncher(operator)
