@@ -72,7 +72,7 @@ def train(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int, lr: fl
             loss = loss_fn(model(xt[idx]), yt[idx])
             loss.backward()
             opt.step()
-            total += float(loss) * len(idx)
+            total += loss.item() * len(idx)
         losses.append(total / len(xt))
         if logger and (epoch + 1) % log_every == 0:
             logger.info("epoch %d/%d loss %.4f", epoch + 1, epochs, losses[-1])
