@@ -15,7 +15,6 @@ sparsity, and eval accuracy before/after.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import logging
 import os
@@ -25,17 +24,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from _bench_common import download, sizes
 
 
 def onnx_sizes(uri: str, dest: Path) -> tuple[int, int]:
-    import mlflow
-
-    folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
-    files = [p for p in folder.rglob("*") if p.is_file() and p.suffix in (".onnx", ".data")]  # graph + weights
-    data = [p.read_bytes() for p in files]
-    return sum(len(d) for d in data), sum(len(gzip.compress(d, mtime=0)) for d in data)
+    """(bytes, gzip bytes) of an ONNX model artifact: its graph plus external data."""
+    return sizes(download(uri, dest))
 
 
 def main(argv: list[str] | None = None) -> int:
