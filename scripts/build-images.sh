@@ -245,9 +245,14 @@ build() { # name dockerfile context build-args...
   [ -z "$old" ] || [ "$old" = "$(docker image inspect -f '{{.Id}}' "$name:$tag")" ] || replaced=("$old" "${replaced[@]}")
 }
 build airflow-modelopt-base images/base/Dockerfile "$WH/base" --build-arg "BASE_IMAGE=$base_image"
+if [ ${#families[@]} -gt 1 ]; then
+  # The base image without the project (all cached by the build above): what the others start from.
+  build airflow-modelopt-base-runtime images/base/Dockerfile "$WH/base" --build-arg "BASE_IMAGE=$base_image" \
+    --target runtime
+fi
 for family in "${families[@]:1}"; do
   build "airflow-modelopt-$family" "images/$family/Dockerfile" "$WH/$family" \
-    --build-arg "BASE_IMAGE=airflow-modelopt-base:$tag" --build-arg "PYTHON_IMAGE=$base_image"
+    --build-arg "RUNTIME_IMAGE=airflow-modelopt-base-runtime:$tag" --build-arg "PYTHON_IMAGE=$base_image"
 done
 
 # ---- 5. smoke test ------------------------------------------------------------------------------
