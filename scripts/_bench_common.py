@@ -116,30 +116,22 @@ def download(uri: str, dest: Path) -> Path:
 # -- bytes on disk ----------------------------------------------------------------------------
 
 
-def model_files(path: Path) -> list[Path]:
-    """The files a model is made of: an ONNX graph (a .onnx file, or the one in a folder) plus the
-    external data files it references; else the file itself, or every .tflite/.pt2 file of a folder."""
-    if path.is_dir():
-        graphs = sorted(path.rglob("*.onnx"))
-        if len(graphs) == 1:
-            path = graphs[0]
-        else:
-            return sorted(p for p in path.rglob("*") if p.suffix in (".tflite", ".pt2"))
-    if path.suffix != ".onnx":
-        return [path]
-    import onnx
-
-    files = {path}
-    for tensor in onnx.load(str(path), load_external_data=False).graph.initializer:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            files.update(path.parent / e.value for e in tensor.external_data if e.key == "location")
-    return sorted(f for f in files if f.is_file())
+def file_sizes(files: list[Path]) -> tuple[int, int]:
+    """(bytes, gzip bytes) of a model's files (``Runtime.model_files()``: what the benchmark step counts)."""
+    data = [p.read_bytes() for p in files]
+    return sum(len(d) for d in data), sum(len(gzip.compress(d, mtime=0)) for d in data)
 
 
 def sizes(path: Path) -> tuple[int, int]:
-    """(bytes, gzip bytes) of a model's files (see ``model_files``)."""
-    data = [p.read_bytes() for p in model_files(path)]
-    return sum(len(d) for d in data), sum(len(gzip.compress(d, mtime=0)) for d in data)
+    """(bytes, gzip bytes) of the model at ``path``, loaded with the runtimes layer to find its files
+    (an ONNX graph and the external data it references, a .tflite, ...)."""
+    from airflow_modelopt.runtimes import load
+
+    runtime = load(path)
+    try:
+        return file_sizes(runtime.model_files())
+    finally:
+        runtime.close()
 
 
 def onnx_weight_bytes(path: Path) -> int:

@@ -71,6 +71,7 @@ from _bench_common import (
     StepError,
     download,
     export_pt2,
+    file_sizes,
     mlflow_server,
     onnx_weight_bytes,
     reestimate_batchnorm,
@@ -78,7 +79,6 @@ from _bench_common import (
     resnet18,
     run_step,
     save_npz,
-    sizes,
     to_rgb,
 )
 
@@ -356,10 +356,10 @@ def measure(source: Source, variants: list[Variant], args: argparse.Namespace, w
         try:
             folder = download(v.uri, work / "models" / source.key / v.name.replace(" ", "_").replace("%", "pct"))
             v.local = str(folder)
-            v.bytes, v.gzip_bytes = sizes(folder)
+            rt = load(folder, threads=args.threads)
+            v.bytes, v.gzip_bytes = file_sizes(rt.model_files())
             if any(folder.rglob("*.onnx")):
                 v.weight_bytes = onnx_weight_bytes(folder)
-            rt = load(folder, threads=args.threads)
             logits[v.name] = rt.run({"x": x}, batch_size=16)[0]
             runtimes[v.name] = rt
         except Exception as exc:  # noqa: BLE001 - one unloadable variant must not end the run
