@@ -16,7 +16,7 @@
 #                       if present or pullable, else the debootstrap image of scripts/make-base-image.sh.
 #   --tag TAG           image tag (default: the version in airflow_modelopt/version.py)
 #   --images LIST       which images (default: base,torch,tensorflow; base is always built). The
-#                       tensorflow image is the big one (~4.7 GB: TensorFlow, torch, jax): leave it
+#                       tensorflow image is the big one (~4.8 GB: TensorFlow, torch, jax): leave it
 #                       out when no DAG converts to TFLite or prunes Keras models in containers.
 #                       images/tensorrt is not built here: it starts from NVIDIA's TensorRT image.
 #
@@ -198,7 +198,7 @@ log "  base: $(ls "$WH"/base/deps/*.whl | wc -l) wheels, $(du -sh "$WH/base/deps
 
 # The tensorflow set is resolved on its own (litert-torch caps pydantic, so it cannot share the
 # base set's pins). What base already has as the same file is left out; a package base has at
-# another version goes to replace/, which the Dockerfile swaps in.
+# another version goes to replace/, which the Dockerfile installs over base's version.
 if want tensorflow; then
   t=$SECONDS
   TFW="$WH/tensorflow"

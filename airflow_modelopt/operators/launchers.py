@@ -329,7 +329,7 @@ class KubernetesLauncher(Launcher):
             code = base_container_exit_code(self.pod_operator)
             if code is None:
                 raise
-            raise failure(spec.step, f"pod of image {spec.context.image}", code, str(exc).splitlines()) from exc
+            raise failure(spec.step, f"pod of image {spec.context.image}", code, [], detail=f"\n{exc}") from exc
         if raw is None:
             raise AirflowException(f"step {spec.step} pod wrote no /airflow/xcom/return.json")
         return StepResult.model_validate(raw if isinstance(raw, dict) else json.loads(raw))

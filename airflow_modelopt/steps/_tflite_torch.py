@@ -73,12 +73,12 @@ class TorchPath:
                     f"model_uri: the shape of input {name!r} is not recorded in the model; give a torch.export "
                     "ExportedProgram (.pt2), which records it"
                 )
-            if self.static_batch is None and shape:
-                self.static_batch = shape[0]
             layout = layout_for(len(shape), False)  # litert-torch keeps the PyTorch layout
             # the batch: fixed by the converter (batch_size), not by the source
             self.inputs.append(TensorIO(name=name, shape=[None, *shape[1:]] if shape else shape, layout=layout,
                                         tflite_layout=layout))
+        first = shapes[names[0]]
+        self.static_batch = first[0] if first else None
         if self.static_batch:  # exported without a dynamic batch: it runs at that batch size only
             if self.spec.batch_size not in (None, self.static_batch):
                 raise InputError(

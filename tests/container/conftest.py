@@ -13,6 +13,7 @@ import pytest
 
 from airflow_modelopt import __version__
 from tests.conftest import REPO, AirflowHome, make_airflow_home
+from tests.integration.test_dag_local import step_runs_of_latest_dag_run
 
 IMAGES = {family: f"airflow-modelopt-{family}:{__version__}" for family in ("base", "torch", "tensorflow")}
 
@@ -52,8 +53,6 @@ def optimize_in_docker(home: AirflowHome, mlflow_server, example_model, targets:
                        registered_model_name: str) -> dict[str, object]:
     """modelopt_optimize as a user triggers it (URIs of a model already in MLflow, steps in
     containers); returns the DAG run's step runs by task id."""
-    from tests.integration.test_dag_local import step_runs_of_latest_dag_run
-
     artifacts = example_model["artifacts"]
     conf = {"model_uri": artifacts["model_pt2"], "calibration_data_uri": artifacts["calibration_data"],
             "eval_data_uri": artifacts["eval_data"], "targets": targets,
