@@ -14,6 +14,10 @@ __all__ = ["__version__", "get_provider_info"]
 def get_provider_info() -> dict:
     """Provider metadata read by Airflow's ProvidersManager (``airflow providers list``)."""
     from airflow_modelopt.config import provider_config
+    from airflow_modelopt.specs import StepSpec
+
+    # One name per step in every layer: the operator of step <name> lives in operators/<name>.py.
+    operator_modules = [f"airflow_modelopt.operators.{name}" for name in sorted(StepSpec.registry)]
 
     return {
         "package-name": "airflow-modelopt",
@@ -29,7 +33,7 @@ def get_provider_info() -> dict:
             }
         ],
         "operators": [
-            {"integration-name": "airflow-modelopt", "python-modules": ["airflow_modelopt.operators"]}
+            {"integration-name": "airflow-modelopt", "python-modules": operator_modules}
         ],
         "hooks": [{"integration-name": "airflow-modelopt", "python-modules": ["airflow_modelopt.hooks.mlflow"]}],
         "connection-types": [

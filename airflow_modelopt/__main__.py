@@ -1,3 +1,3 @@
-from airflow_modelopt.cli import main
+from airflow_modelopt.container.cli import main
 
 raise SystemExit(main())

@@ -19,79 +19,10 @@ Shared work (the ONNX export) runs once for all targets that need it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 from airflow_modelopt.operators.xcom import artifact
-
-#: Every target the pipeline can build, in the order branches are laid out.
-TARGETS = (
-    "onnx_fp32", "onnx_int8_dynamic", "onnx_int8_static", "tflite_fp16", "tflite_int8",
-    "pruned_onnx_int8", "tensorrt_fp16", "tensorrt_int8",
-)
-
-
-@dataclass(frozen=True)
-class Build:
-    """One build task: which operator, with which arguments, from which upstream build."""
-
-    task_id: str
-    operator: str
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    source: str | None = None            # upstream build task id; None means the pipeline's model
-    source_artifact: str = ""            # the upstream artifact this build reads
-    model_field: str = "model_uri"
-
-
-def _builds() -> dict[str, Build]:
-    return {b.task_id: b for b in (
-        Build("export_onnx", "TorchToOnnxOperator", {"data_uri": "{eval}"}),
-        Build("onnx_int8_dynamic", "OnnxQuantizeOperator", {"mode": "dynamic"}, "export_onnx", "onnx_model"),
-        Build("onnx_int8_static", "OnnxQuantizeOperator",
-              {"mode": "static", "calibration_data_uri": "{calibration}"}, "export_onnx", "onnx_model"),
-        # TFLite from the ONNX export (onnx2tf, NHWC, recorded in the signature): it runs in the main
-        # environment; the litert-torch path (PyTorch -> TFLite, NCHW kept) needs its own environment.
-        Build("tflite_fp16", "TFLiteQuantizeOperator", {"mode": "fp16"}, "export_onnx", "onnx_model"),
-        Build("tflite_int8", "TFLiteQuantizeOperator", {"mode": "int8", "calibration_data_uri": "{calibration}"},
-              "export_onnx", "onnx_model"),
-        Build("prune", "PruneOperator", {"method": "structured", "sparsity": 0.5, "fine_tune_epochs": 3,
-                                         "train_data_uri": "{train}", "eval_data_uri": "{eval}"}),
-        Build("export_pruned_onnx", "TorchToOnnxOperator", {"data_uri": "{eval}"}, "prune", "model_pt2"),
-        Build("pruned_onnx_int8", "OnnxQuantizeOperator",
-              {"mode": "static", "calibration_data_uri": "{calibration}"}, "export_pruned_onnx", "onnx_model"),
-        Build("tensorrt_fp16", "TensorRTBuildOperator", {"precision": "fp16"}, "export_onnx", "onnx_model"),
-        Build("tensorrt_int8", "TensorRTBuildOperator",
-              {"precision": "int8", "calibration_data_uri": "{calibration}"}, "export_onnx", "onnx_model"),
-    )}
-
-
-#: target -> (build chain, artifact of the last build, candidate format for validation/benchmark)
-TARGET_CHAINS: dict[str, tuple[tuple[str, ...], str, str]] = {
-    "onnx_fp32": (("export_onnx",), "onnx_model", "onnx"),
-    "onnx_int8_dynamic": (("export_onnx", "onnx_int8_dynamic"), "onnx_model", "onnx"),
-    "onnx_int8_static": (("export_onnx", "onnx_int8_static"), "onnx_model", "onnx"),
-    "tflite_fp16": (("export_onnx", "tflite_fp16"), "tflite_model", "tflite"),
-    "tflite_int8": (("export_onnx", "tflite_int8"), "tflite_model", "tflite"),
-    "pruned_onnx_int8": (("prune", "export_pruned_onnx", "pruned_onnx_int8"), "onnx_model", "onnx"),
-    "tensorrt_fp16": (("export_onnx", "tensorrt_fp16"), "tensorrt_engine", "tensorrt"),
-    "tensorrt_int8": (("export_onnx", "tensorrt_int8"), "tensorrt_engine", "tensorrt"),
-}
-
-
-def parse_targets(value: Any) -> list[str]:
-    """Targets from a list, a JSON/Python list literal, or a comma-separated string; unknown ones refused."""
-    import ast
-
-    if isinstance(value, str):
-        text = value.strip()
-        value = ast.literal_eval(text) if text.startswith("[") else [t for t in text.split(",") if t.strip()]
-    targets = [str(t).strip() for t in value or []]
-    unknown = [t for t in targets if t not in TARGETS]
-    if unknown:
-        raise ValueError(f"unknown target(s) {unknown}; choose from {', '.join(TARGETS)}")
-    if not targets:
-        raise ValueError(f"targets is empty; choose one or more of {', '.join(TARGETS)}")
-    return list(dict.fromkeys(targets))
+from airflow_modelopt.targets import TARGET_CHAINS, TARGETS, builds, parse_targets
 
 
 def optimization_pipeline(
@@ -133,7 +64,7 @@ def optimization_pipeline(
     if execution_mode is not None:
         common["execution_mode"] = execution_mode
     extra = operator_kwargs or {}
-    builds = _builds()
+    all_builds = builds()
 
     with TaskGroup(group_id=group_id) as group:
         prefix = f"{group_id}."
@@ -160,7 +91,7 @@ def optimization_pipeline(
         def build(task_id: str) -> Any:
             if task_id in made:
                 return made[task_id]
-            spec = builds[task_id]
+            spec = all_builds[task_id]
             kwargs = {k: fills.get(v, v) if isinstance(v, str) else v for k, v in spec.kwargs.items()}
             kwargs[spec.model_field] = model_uri if spec.source is None else artifact(prefix + spec.source,
                                                                                      spec.source_artifact)

@@ -15,7 +15,8 @@ from datetime import datetime
 
 from airflow.sdk import DAG, Asset, Param, task
 
-from airflow_modelopt.pipelines import TARGETS, optimization_pipeline
+from airflow_modelopt.pipelines import optimization_pipeline
+from airflow_modelopt.targets import TARGETS
 
 TRAINED_MODEL = Asset("modelopt_trained_model", uri="modelopt://trained-model")
 

@@ -15,7 +15,8 @@ from datetime import datetime
 from airflow.sdk import DAG, Param
 
 from airflow_modelopt.operators import TrainExampleModelOperator, artifact
-from airflow_modelopt.pipelines import TARGETS, optimization_pipeline
+from airflow_modelopt.pipelines import optimization_pipeline
+from airflow_modelopt.targets import TARGETS
 
 with DAG(
     dag_id="modelopt_retrain_and_optimize",

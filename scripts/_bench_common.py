@@ -125,7 +125,7 @@ def file_sizes(files: list[Path]) -> tuple[int, int]:
 def sizes(path: Path) -> tuple[int, int]:
     """(bytes, gzip bytes) of the model at ``path``, loaded with the runtimes layer to find its files
     (an ONNX graph and the external data it references, a .tflite, ...)."""
-    from airflow_modelopt.runtimes import load
+    from airflow_modelopt.container.runtimes import load
 
     runtime = load(path)
     try:

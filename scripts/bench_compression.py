@@ -38,7 +38,7 @@ folder, because the litert venv's mlflow-skinny cannot open SQLite itself):
     pruned 50% structured     prune method structured, sparsity 0.5, fine-tune --fine-tune-epochs on the
                               train split, then torch_to_onnx
 
-Measurement, identical for every variant of a model: loaded with ``airflow_modelopt.runtimes.load`` (ONNX
+Measurement, identical for every variant of a model: loaded with ``airflow_modelopt.container.runtimes.load`` (ONNX
 Runtime or the LiteRT interpreter) with --threads intra-op threads; latency at batch 1 on the same eval
 sample with the benchmark step's ``time_batch``/``latency_stats``: --warmup-runs untimed runs, then
 --timed-runs timed runs spread over --rounds interleaved rounds (every variant once per round, so a
@@ -161,7 +161,7 @@ def prepare_digits(args: argparse.Namespace, env: dict[str, str], work: Path) ->
 
 def digit_splits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """The digits CNN's own train / calibration / eval split (train_example's defaults)."""
-    from airflow_modelopt.examples.digits import load_splits
+    from airflow_modelopt.container.examples.digits import load_splits
 
     return load_splits(0, 200, 400)
 
@@ -169,7 +169,7 @@ def digit_splits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
 def prepare_residual(args: argparse.Namespace, work: Path) -> Source:
     import torch
 
-    from airflow_modelopt.examples.digits import accuracy, train
+    from airflow_modelopt.container.examples.digits import accuracy, train
 
     splits = digit_splits()
     data = {name: (to_rgb(x, 32, tint_seed=seed), y) for seed, (name, (x, y)) in enumerate(splits.items())}
@@ -347,7 +347,7 @@ def load_eval(path: str, work: Path) -> tuple[np.ndarray, np.ndarray | None]:
 
 def measure(source: Source, variants: list[Variant], args: argparse.Namespace, work: Path) -> None:
     """Bytes, accuracy (or agreement with fp32) and batch-1 latency of every built variant, side by side."""
-    from airflow_modelopt.runtimes import load
+    from airflow_modelopt.container.runtimes import load
 
     x, y = load_eval(source.evaluation, work)
     runtimes: dict[str, Any] = {}
@@ -394,7 +394,7 @@ def time_interleaved(runtimes: dict[str, Any], feeds: dict[str, np.ndarray], war
     ``warmup`` untimed runs each, then ``runs`` timed runs in ``rounds`` rounds that visit every runtime
     in turn (one more untimed run on switching), so slow drift on a shared machine hits all alike.
     Closes the runtimes."""
-    from airflow_modelopt.steps.benchmark import latency_stats, time_batch
+    from airflow_modelopt.container.steps.benchmark import latency_stats, time_batch
 
     native = {name: rt.prepare(feeds) for name, rt in runtimes.items()}
     for name, rt in runtimes.items():
@@ -500,7 +500,7 @@ def against_guide(source: Source, variants: list[Variant]) -> list[str]:
 
 
 def machine_line(threads: int) -> str:
-    from airflow_modelopt.steps.benchmark import hardware_fingerprint
+    from airflow_modelopt.container.steps.benchmark import hardware_fingerprint
 
     hw = hardware_fingerprint()
     return (f"Machine: {hw['cpu_model']}, {hw['physical_cores']} physical cores, {hw['usable_cpus']} usable CPUs, "

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench-prune-"))
     os.environ.setdefault("MLFLOW_TRACKING_URI", args.tracking_uri or f"sqlite:///{tmp / 'mlflow.db'}")
     os.environ.setdefault("MODELOPT_ARTIFACT_ROOT", str(tmp / "artifacts"))
-    from airflow_modelopt.runner import run_step
+    from airflow_modelopt.container.runner import run_step
 
     ctx = {"experiment_name": "bench-prune", "force": True}
     started = time.monotonic()

@@ -24,7 +24,7 @@ if ! airflow dags test modelopt_retrain_and_optimize -c "$conf" >"$log" 2>&1; th
   echo "demo failed; full log: $log" >&2
   exit 1
 fi
-grep -E "airflow_modelopt.runner: (Eval accuracy|Exported in|Batch [0-9]+:|Verdict|Policy)" "$log" | sed 's/.*airflow_modelopt.runner: /   /' | sed 's/ \[airflow.task.*//'
+grep -E "airflow_modelopt.container.runner: (Eval accuracy|Exported in|Batch [0-9]+:|Verdict|Policy)" "$log" | sed 's/.*airflow_modelopt.container.runner: /   /' | sed 's/ \[airflow.task.*//'
 grep -q "DagRun Finished.*state=success\|Marking run .* successful" "$log" || { echo "the DAG run did not succeed; log: $log" >&2; exit 1; }
 echo "==> DAG run finished in $((SECONDS - started)) s"
 python "$ROOT/scripts/demo_summary.py" "$AIRFLOW_HOME"

@@ -67,7 +67,7 @@ log "installing airflow-modelopt (editable) from $ROOT"
 "$VENV/bin/python" - <<'EOF'
 import importlib, sys
 for name in ("torch", "litert_torch", "ai_edge_litert.interpreter", "mlflow", "onnx", "onnxruntime", "sklearn",
-             "pydantic", "airflow_modelopt.steps.tflite_quantize"):
+             "pydantic", "airflow_modelopt.container.steps.tflite_quantize"):
     importlib.import_module(name)
 import torch
 assert torch.__version__.startswith("2.13.0"), torch.__version__

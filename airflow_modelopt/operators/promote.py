@@ -45,7 +45,7 @@ class PromoteModelOperator(ModelOptOperator):
         if self.candidate_tasks and context is not None:
             chosen = self.candidate_tasks
             if self.selected_targets:
-                from airflow_modelopt.pipelines import parse_targets
+                from airflow_modelopt.targets import parse_targets
 
                 wanted = parse_targets(self.selected_targets)
                 chosen = {t: v for t, v in self.candidate_tasks.items() if t in wanted}

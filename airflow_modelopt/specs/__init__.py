@@ -23,14 +23,15 @@ from airflow_modelopt.specs.base import (
     parse_spec,
     spec_class_for,
 )
-from airflow_modelopt.specs.example import TrainExampleSpec
-from airflow_modelopt.specs.export import TorchToOnnxSpec
+from airflow_modelopt.specs.benchmark import BenchmarkSpec
 from airflow_modelopt.specs.onnx_quantize import OnnxQuantizeSpec
 from airflow_modelopt.specs.promote import Candidate, PromoteSpec
 from airflow_modelopt.specs.prune import PruneSpec
-from airflow_modelopt.specs.tensorrt import TensorRTBuildSpec
-from airflow_modelopt.specs.tflite import TFLiteQuantizeSpec
-from airflow_modelopt.specs.validation import BenchmarkSpec, ValidateEquivalenceSpec
+from airflow_modelopt.specs.tensorrt_build import TensorRTBuildSpec
+from airflow_modelopt.specs.tflite_quantize import TFLiteQuantizeSpec
+from airflow_modelopt.specs.torch_to_onnx import TorchToOnnxSpec
+from airflow_modelopt.specs.train_example import TrainExampleSpec
+from airflow_modelopt.specs.validate import ValidateEquivalenceSpec
 
 __all__ = [
     "EXECUTION_MODES", "MAX_OPSET", "MIN_OPSET", "SPEC_VERSION", "ArtifactUri", "ExecutionMode",

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from airflow_modelopt.steps import tensorrt_build
+from airflow_modelopt.container.steps import tensorrt_build
 from tests.conftest import run_step
 
 MISSING = tensorrt_build.unavailable_reason()
@@ -53,7 +53,7 @@ def _build(mlflow_server, example_model, example_onnx, **fields):
 
 
 def _engine_outputs(mlflow_server, result, x, tmp: Path) -> np.ndarray:
-    from airflow_modelopt.runtimes import load
+    from airflow_modelopt.container.runtimes import load
 
     folder = _download(mlflow_server, result["artifacts"]["tensorrt_engine"], tmp)
     assert (folder / "model.engine").is_file() and (folder / "modelopt_signature.json").is_file()

@@ -68,7 +68,7 @@ def torch_state(pt2: Path) -> dict[str, np.ndarray]:
 def build_torchscript(state: dict[str, np.ndarray], dest: Path) -> Path:
     import torch
 
-    from airflow_modelopt.examples.digits import DigitsCNN
+    from airflow_modelopt.container.examples.digits import DigitsCNN
 
     model = DigitsCNN()
     model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
@@ -105,7 +105,7 @@ def _tflite_signature(model_path: Path) -> None:
     """modelopt_signature.json from what the flatbuffer says, plus the layouts we know."""
     from ai_edge_litert.interpreter import Interpreter
 
-    from airflow_modelopt.signature import ModelSignature, Quantization, TensorSpec
+    from airflow_modelopt.container.signature import ModelSignature, Quantization, TensorSpec
 
     it = Interpreter(model_path=str(model_path))
 
@@ -151,7 +151,7 @@ def build_tflite(model: Any, calibration_nchw: np.ndarray, dest: Path, *, int8: 
 def build_keras(model: Any, root: Path) -> tuple[Path, Path]:
     import tensorflow as tf
 
-    from airflow_modelopt.signature import ModelSignature, TensorSpec
+    from airflow_modelopt.container.signature import ModelSignature, TensorSpec
 
     kdir = root / "keras"
     kdir.mkdir(parents=True, exist_ok=True)

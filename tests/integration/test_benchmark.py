@@ -9,7 +9,6 @@ import re
 
 import pytest
 
-import airflow_modelopt.specs.validation  # noqa: F401  (registers the steps until specs/__init__ does)
 from airflow_modelopt.exceptions import GateFailed
 from tests.conftest import run_step
 
@@ -54,7 +53,7 @@ def test_onnx_benchmark_through_the_entry_point(candidates, mlflow_server):
 
 
 def test_tflite_int8_benchmark_on_random_inputs(candidates, step_env, mlflow_server):
-    from airflow_modelopt.runner import run_step as run_in_process
+    from airflow_modelopt.container.runner import run_step as run_in_process
 
     result = run_in_process("benchmark", _spec(candidates.tflite_int8, batch_sizes=[1, 4]))
     m = result.metrics
@@ -73,7 +72,7 @@ def test_zero_timed_runs_is_refused_before_anything_runs(candidates, mlflow_serv
 
 
 def test_enforced_target_that_is_missed_fails_the_task(candidates, step_env, mlflow_server):
-    from airflow_modelopt.runner import run_step as run_in_process
+    from airflow_modelopt.container.runner import run_step as run_in_process
 
     with pytest.raises(GateFailed) as err:
         run_in_process("benchmark", _spec(candidates.onnx_int8, batch_sizes=[1], measure_memory=False,
@@ -82,7 +81,7 @@ def test_enforced_target_that_is_missed_fails_the_task(candidates, step_env, mlf
 
 
 def test_comparison_plot_is_logged_on_the_parent_run(mlflow_server, tmp_path):
-    from airflow_modelopt.steps.benchmark import log_comparison_plot
+    from airflow_modelopt.container.steps.benchmark import log_comparison_plot
     from tests.integration._models import read_artifact_text
 
     client = mlflow_server.client()

@@ -10,8 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-import airflow_modelopt.specs.validation  # noqa: F401  (registers the steps until specs/__init__ does)
-from airflow_modelopt.runtimes import load
+from airflow_modelopt.container.runtimes import load
 
 pytest_plugins = ("tests.integration._models",)  # fixtures: candidates, step_env (one build per session)
 
@@ -75,7 +74,7 @@ def test_probe_reports_the_peak_rss_of_a_fresh_process(candidates, tmp_path, eva
     feeds = tmp_path / "feeds.npz"
     np.savez(feeds, x=eval_data[0][:8])
     request = {"path": str(candidates.tflite_int8), "threads": 1, "batch_sizes": [1, 8], "runs": 2, "feeds": str(feeds)}
-    proc = subprocess.run([sys.executable, "-m", "airflow_modelopt.runtimes.probe", json.dumps(request)],
+    proc = subprocess.run([sys.executable, "-m", "airflow_modelopt.container.runtimes.probe", json.dumps(request)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -63,7 +63,7 @@ def test_run_is_nested_under_its_parent_with_stats(mlflow_server, example_onnx):
 def test_mlflow_pytorch_model_uri_and_torchscript_are_accepted(mlflow_server, example_model, tmp_path):
     import torch
 
-    from airflow_modelopt.examples.digits import DigitsCNN
+    from airflow_modelopt.container.examples.digits import DigitsCNN
 
     by_uri = run_step("torch_to_onnx", {**EXPERIMENT, "model_uri": example_model["artifacts"]["pytorch_model"],
                                         "data_uri": example_model["artifacts"]["eval_data"]}, mlflow_server.env())

@@ -12,7 +12,6 @@ import re
 import numpy as np
 import pytest
 
-import airflow_modelopt.specs.validation  # noqa: F401  (registers the steps until specs/__init__ does)
 from airflow_modelopt.exceptions import GateFailed, InputError
 from tests.conftest import run_step
 
@@ -30,7 +29,7 @@ def _spec(candidates, reference: str, candidate: str, **fields):
 
 
 def _validate(spec):
-    from airflow_modelopt.runner import run_step as run_in_process
+    from airflow_modelopt.container.runner import run_step as run_in_process
 
     return run_in_process("validate", spec)
 

@@ -31,7 +31,7 @@ def test_dags_parse_without_ml_framework(dag_file):
 
 
 def test_container_entry_point_imports_no_airflow():
-    statement = "import airflow_modelopt.cli, airflow_modelopt.runner, airflow_modelopt.steps.torch_to_onnx"
+    statement = "import airflow_modelopt.container.cli, airflow_modelopt.container.runner, airflow_modelopt.container.steps.torch_to_onnx"
     assert _loaded_after(statement, ("airflow",)) == []
 
 

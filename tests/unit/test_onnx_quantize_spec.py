@@ -140,7 +140,7 @@ def test_the_full_spec_the_operator_sends_validates_again_in_the_container(field
 
 
 def test_operator_refuses_literal_arguments_at_construction_and_waits_for_templates():
-    from airflow_modelopt.operators._onnx_quantize_operator import OnnxQuantizeOperator
+    from airflow_modelopt.operators.onnx_quantize import OnnxQuantizeOperator
 
     with pytest.raises(ValueError, match=r"(?s)OnnxQuantizeOperator 'quantize'.*calibration_method: only used by static"):
         OnnxQuantizeOperator(task_id="quantize", model_uri="/m.onnx", mode="dynamic", calibration_method="Entropy")
@@ -155,7 +155,7 @@ def test_operator_refuses_literal_arguments_at_construction_and_waits_for_templa
 
 def test_operator_module_imports_no_ml_framework():
     heavy = ("torch", "tensorflow", "onnxruntime", "onnx", "mlflow")
-    code = ("import sys; import airflow_modelopt.operators._onnx_quantize_operator; "
+    code = ("import sys; import airflow_modelopt.operators.onnx_quantize; "
             f"print(','.join(m for m in {heavy!r} if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == ""

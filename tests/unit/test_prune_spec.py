@@ -103,7 +103,7 @@ def test_keras_schedule_fields_are_checked_against_each_other():
 
 
 def schedule(**fields):
-    from airflow_modelopt.steps._prune_keras import schedule_for
+    from airflow_modelopt.container.steps._prune_keras import schedule_for
 
     spec = parse(model_uri=KERAS, train_data_uri=TRAIN, **fields)
     return schedule_for(spec, epochs=spec.epochs_for("keras"), samples=1000)
@@ -141,7 +141,7 @@ def _zip(path: Path, names: list[str]) -> Path:
 
 
 def test_framework_is_told_from_file_contents(tmp_path):
-    from airflow_modelopt.steps.prune import detect_framework
+    from airflow_modelopt.container.steps.prune import detect_framework
 
     pt2 = _zip(tmp_path / "model.bin", ["model/archive_format", "model/models/model.json"])
     keras = _zip(tmp_path / "weights", ["config.json", "metadata.json", "model.weights.h5"])
@@ -157,7 +157,7 @@ def test_framework_is_told_from_file_contents(tmp_path):
 
 
 def test_torchscript_is_refused_naming_model_uri(tmp_path):
-    from airflow_modelopt.steps.prune import detect_framework
+    from airflow_modelopt.container.steps.prune import detect_framework
 
     script = _zip(tmp_path / "model.zip", ["model/code/__torch__.py", "model/constants.pkl", "model/data.pkl"])
     with pytest.raises(InputError, match=r"model_uri: .* is TorchScript, which the prune step does not support"):
@@ -169,7 +169,7 @@ def test_torchscript_is_refused_naming_model_uri(tmp_path):
 
 
 def test_a_keras_only_option_is_refused_once_the_model_is_seen(tmp_path):
-    from airflow_modelopt.steps.prune import resolve_framework
+    from airflow_modelopt.container.steps.prune import resolve_framework
 
     pt2 = _zip(tmp_path / "model", ["model/archive_format"])
     spec = parse(model_uri=MLFLOW_MODEL, frequency=4)
@@ -183,7 +183,7 @@ def test_a_keras_only_option_is_refused_once_the_model_is_seen(tmp_path):
 
 
 def test_operator_refuses_literal_bad_arguments_at_parse_time():
-    from airflow_modelopt.operators._prune_operator import PruneOperator
+    from airflow_modelopt.operators.prune import PruneOperator
 
     with pytest.raises(ValueError, match=r"(?s)PruneOperator 'p': .*sparsity: Input should be less than 1"):
         PruneOperator(task_id="p", model_uri=PT2, sparsity=1.2)
@@ -219,8 +219,8 @@ def test_schedule_that_never_applies_the_final_sparsity_is_refused():
 
 
 def test_accuracy_gate_names_the_field_and_the_numbers():
+    from airflow_modelopt.container.steps.prune import check_gate
     from airflow_modelopt.exceptions import GateFailed
-    from airflow_modelopt.steps.prune import check_gate
 
     spec = parse(eval_data_uri=EVAL, max_accuracy_drop=0.02)
     check_gate(spec, {"accuracy_before": 0.97, "accuracy_after": 0.955, "accuracy_drop": 0.015})

@@ -11,10 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import airflow_modelopt.specs.validation  # noqa: F401  (registers the steps until specs/__init__ does)
+from airflow_modelopt.container.runtimes import dequantize, detect, layout_perm, load, quantize
+from airflow_modelopt.container.signature import ModelSignature, Quantization, TensorSpec
 from airflow_modelopt.exceptions import InputError
-from airflow_modelopt.runtimes import dequantize, detect, layout_perm, load, quantize
-from airflow_modelopt.signature import ModelSignature, Quantization, TensorSpec
 from airflow_modelopt.specs import parse_spec
 
 # -- small ONNX models ------------------------------------------------------------------------
@@ -312,7 +311,7 @@ def _fake_tensorrt(memory: _HostMemory, calls: list) -> types.ModuleType:
 def test_tensorrt_runtime_with_fake_tensorrt_module_no_gpu(tmp_path, monkeypatch):
     """Binding logic only: name-based I/O, int8 input from the recorded scale, NCHW -> NHWC, and
     batches above the profile's maximum fed in chunks. Not a TensorRT run (none can run here)."""
-    from airflow_modelopt.runtimes import tensorrt_backend
+    from airflow_modelopt.container.runtimes import tensorrt_backend
 
     memory, calls = _HostMemory(), []
     monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt(memory, calls))
@@ -357,7 +356,7 @@ def _spec(**fields):
 
 
 def test_evaluate_measures_errors_agreement_and_accuracy():
-    from airflow_modelopt.steps.validate import evaluate, flat_metrics
+    from airflow_modelopt.container.steps.validate import evaluate, flat_metrics
 
     ref = np.array([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0], [1.0, 0.0, 4.0], [5.0, 0.0, 1.0]])
     cand = ref.copy()
@@ -377,7 +376,7 @@ def test_evaluate_measures_errors_agreement_and_accuracy():
 
 
 def test_nan_in_candidate_outputs_fails_with_its_own_reason_even_without_gates():
-    from airflow_modelopt.steps.validate import evaluate
+    from airflow_modelopt.container.steps.validate import evaluate
 
     ref = np.ones((3, 4))
     cand = ref.copy()
@@ -390,7 +389,7 @@ def test_nan_in_candidate_outputs_fails_with_its_own_reason_even_without_gates()
 
 
 def test_atol_gate_names_the_worst_element_and_cosine_gate_the_value():
-    from airflow_modelopt.steps.validate import evaluate
+    from airflow_modelopt.container.steps.validate import evaluate
 
     ref = np.array([[1.0, 2.0], [3.0, 4.0]])
     cand = ref + np.array([[0.0, 1e-5], [0.0, 0.5]])
@@ -404,7 +403,7 @@ def test_atol_gate_names_the_worst_element_and_cosine_gate_the_value():
 
 
 def test_top1_gate_on_an_output_without_class_scores_is_an_input_error():
-    from airflow_modelopt.steps.validate import evaluate
+    from airflow_modelopt.container.steps.validate import evaluate
 
     with pytest.raises(InputError, match=r"min_top1_agreement needs class scores, but output 'y' has shape \[5, 1\]"):
         evaluate(_spec(min_top1_agreement=0.9), [np.ones((5, 1))], [np.ones((5, 1))], ["y"], None)
@@ -413,7 +412,7 @@ def test_top1_gate_on_an_output_without_class_scores_is_an_input_error():
 
 
 def test_multi_output_metrics_are_per_output_with_mlflow_safe_names():
-    from airflow_modelopt.steps.validate import evaluate, flat_metrics
+    from airflow_modelopt.container.steps.validate import evaluate, flat_metrics
 
     ref = [np.ones((3, 2)), np.zeros((3, 1))]
     cand = [np.ones((3, 2)) * 1.5, np.zeros((3, 1))]
@@ -423,7 +422,7 @@ def test_multi_output_metrics_are_per_output_with_mlflow_safe_names():
 
 
 def test_markdown_report_shows_failed_gates():
-    from airflow_modelopt.steps.validate import evaluate, markdown_report
+    from airflow_modelopt.container.steps.validate import evaluate, markdown_report
 
     ref = np.eye(4)
     ev = evaluate(_spec(atol=1e-3), [ref], [ref[::-1]], ["logits"], np.arange(4))
@@ -439,7 +438,7 @@ def test_markdown_report_shows_failed_gates():
 
 
 def test_latency_stats_and_target_flags():
-    from airflow_modelopt.steps.benchmark import latency_stats, targets
+    from airflow_modelopt.container.steps.benchmark import latency_stats, targets
 
     ns = [1_000_000 * i for i in range(1, 101)]  # 1..100 ms
     s = latency_stats(ns, batch=4)
@@ -455,7 +454,7 @@ def test_latency_stats_and_target_flags():
 
 
 def test_hardware_fingerprint_names_cpu_and_cores():
-    from airflow_modelopt.steps.benchmark import hardware_fingerprint
+    from airflow_modelopt.container.steps.benchmark import hardware_fingerprint
 
     hw = hardware_fingerprint()
     assert hw["cpu_model"] and int(hw["physical_cores"]) >= 1 and int(hw["logical_cpus"]) >= int(hw["usable_cpus"]) >= 1
@@ -472,7 +471,7 @@ ROWS = [
 
 
 def test_pareto_front_keeps_only_undominated_candidates():
-    from airflow_modelopt.steps.benchmark import pareto_front
+    from airflow_modelopt.container.steps.benchmark import pareto_front
 
     assert [ROWS[i]["name"] for i in pareto_front(ROWS)] == ["tflite int8", "tflite fp32"]
     no_acc = [{k: v for k, v in r.items() if k != "accuracy"} for r in ROWS]
@@ -482,7 +481,7 @@ def test_pareto_front_keeps_only_undominated_candidates():
 def test_comparison_plot_renders_a_png(tmp_path):
     import matplotlib.image
 
-    from airflow_modelopt.steps.benchmark import comparison_plot
+    from airflow_modelopt.container.steps.benchmark import comparison_plot
 
     path = comparison_plot(ROWS, tmp_path / "cmp.png", title="digits CNN")
     image = matplotlib.image.imread(path)

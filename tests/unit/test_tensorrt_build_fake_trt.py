@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from airflow_modelopt.container.steps import tensorrt_build as step
 from airflow_modelopt.exceptions import ConversionFailed, InputError, StepFailed
 from airflow_modelopt.specs import parse_spec
-from airflow_modelopt.steps import tensorrt_build as step
 
 LOG = logging.getLogger("test.tensorrt")
 

@@ -1,0 +1,106 @@
+"""The container entry point: ``airflow-modelopt run <step> --spec <file | - | JSON>``.
+
+It validates the spec, runs the step, prints the result JSON as the last stdout line, and writes
+it to /airflow/xcom/return.json when that folder exists (the Kubernetes result channel). Logs go
+to stderr. Exit codes (airflow_modelopt.exceptions): 0 done, 2 bad spec or input (do not retry),
+3 a gate failed and 5 a converter refused the model (neither retried),
+6 this worker cannot run the step (no GPU; not retried), 4 MLflow unreachable, 1 any
+other failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from airflow_modelopt.exceptions import EXIT_FAILED, EXIT_OK, ModelOptError, SpecError
+from airflow_modelopt.version import __version__
+
+XCOM_DIR = Path("/airflow/xcom")
+#: Kubernetes makes this file in every container and shows its text as the container's termination
+#: message (the pod operator puts it in the task's error). Elsewhere it does not exist.
+TERMINATION_LOG = Path(os.environ.get("MODELOPT_TERMINATION_LOG", "/dev/termination-log"))
+
+
+def _report_error(message: str) -> None:
+    """The one-line error on stderr, and as the termination message where Kubernetes reads it."""
+    print(f"modelopt: error: {message}", file=sys.stderr, flush=True)
+    if TERMINATION_LOG.is_file():
+        try:
+            TERMINATION_LOG.write_text(message[-4000:])  # Kubernetes keeps at most 4096 bytes
+        except OSError:
+            pass
+
+
+def _read_spec(value: str) -> str:
+    if value == "-":
+        return sys.stdin.read()
+    if value.lstrip().startswith("{"):
+        return value
+    path = Path(value)
+    if not path.is_file():
+        raise SpecError(f"--spec {value!r} is neither '-', a JSON object, nor a readable file")
+    return path.read_text()
+
+
+def _parser() -> argparse.ArgumentParser:
+    from airflow_modelopt.specs import StepSpec
+
+    steps = sorted(StepSpec.registry)
+    parser = argparse.ArgumentParser(prog="airflow-modelopt", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"airflow-modelopt {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run one step from its spec")
+    run.add_argument("step", choices=steps)
+    run.add_argument("--spec", required=True, help="spec JSON: a file path, '-' for stdin, or the JSON itself")
+    sub.add_parser("steps", help="list the steps and their image families")
+    schema = sub.add_parser("schema", help="print a step's spec as JSON Schema")
+    schema.add_argument("step", choices=steps)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(
+        level=os.environ.get("MODELOPT_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("onnx_ir", "onnxscript", "torch.onnx"):  # per-pass chatter at INFO
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from airflow_modelopt.specs import StepSpec
+
+    args = _parser().parse_args(argv)
+    if args.command == "steps":
+        for name, cls in sorted(StepSpec.registry.items()):
+            print(f"{name}\t{cls.image_family}\t{(cls.__doc__ or '').strip().splitlines()[0]}")
+        return EXIT_OK
+    if args.command == "schema":
+        print(json.dumps(StepSpec.registry[args.step].model_json_schema(), indent=2))
+        return EXIT_OK
+
+    from airflow_modelopt.container.runner import run_step
+
+    log = logging.getLogger("airflow_modelopt")
+    try:
+        result = run_step(args.step, _read_spec(args.spec))
+    except ModelOptError as exc:
+        _report_error(str(exc))
+        return exc.exit_code
+    except Exception as exc:  # a bug or a library error: keep the traceback in the log
+        log.exception("step %s failed", args.step)
+        _report_error(f"{type(exc).__name__}: {exc}")
+        return EXIT_FAILED
+    line = result.to_line()
+    if XCOM_DIR.is_dir():
+        (XCOM_DIR / "return.json").write_text(line)
+    sys.stderr.flush()
+    print(line, flush=True)
+    return EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

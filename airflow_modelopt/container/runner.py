@@ -1,0 +1,187 @@
+"""Container side: run one step under its own nested MLflow run.
+
+The order matters for "nothing partial": inputs are resolved and hashed first (bad input fails
+before any run exists), then the cache is consulted, then the nested run is created, the step
+works in a private temporary folder, and only a step that returned gets its result logged and
+its run tagged ``modelopt.status=succeeded``. A failure leaves a FAILED run carrying the error,
+which the cache never reuses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from airflow_modelopt.container import tracking
+from airflow_modelopt.container.context import StepContext, StepOutput
+from airflow_modelopt.container.steps import STEP_MODULES
+from airflow_modelopt.specs import StepResult, StepSpec, parse_spec
+from airflow_modelopt.version import __version__
+
+log = logging.getLogger("airflow_modelopt.container.runner")
+
+
+def step_module(step: str) -> Any:
+    """The module of a registered step (``container/steps/__init__.py`` lists them)."""
+    return importlib.import_module(STEP_MODULES[step])
+
+
+def code_digest() -> str:
+    """sha256 of the container side's source and the specs: a code change invalidates the cache in
+    local mode too, where no image digest tells versions apart."""
+    container = Path(__file__).resolve().parent
+    package = container.parent
+    h = hashlib.sha256(__version__.encode())
+    for root in (container, package / "specs"):
+        for path in sorted(root.rglob("*.py")):
+            h.update(path.relative_to(package).as_posix().encode() + path.read_bytes())
+    return h.hexdigest()
+
+
+def cache_key(spec: StepSpec, input_digests: dict[str, str]) -> str:
+    """sha256 over the step, its parameters (inputs by content, not by URI), the code and image."""
+    params = {k: v for k, v in spec.params().items() if k not in spec.input_fields}
+    try:
+        code = code_digest()
+    except OSError:
+        code = __version__
+    payload: dict[str, Any] = {
+        "step": spec.step,
+        "spec_version": spec.spec_version,
+        "params": params,
+        "inputs": input_digests,
+        "code": code,
+        "image": spec.context.image_digest or spec.context.image or f"local:{__version__}",
+    }
+    if spec.cache_per_machine:  # measurements: a result from other hardware is not this one's
+        from airflow_modelopt.container.steps.benchmark import hardware_fingerprint
+
+        payload["hardware"] = hardware_fingerprint()
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _tags(spec: StepSpec, key: str, parent: str | None) -> dict[str, str]:
+    ctx = spec.context
+    tags = {
+        tracking.TAG_ROLE: "step",
+        tracking.TAG_STEP: spec.step,
+        tracking.TAG_CACHE_KEY: key,
+        tracking.TAG_MODE: ctx.execution_mode,
+        tracking.TAG_TRY: str(ctx.try_number),
+        "modelopt.version": __version__,
+    }
+    optional = {
+        tracking.TAG_DAG_ID: ctx.dag_id,
+        tracking.TAG_RUN_ID: ctx.run_id,
+        tracking.TAG_TASK_ID: ctx.task_id,
+        tracking.TAG_IMAGE: ctx.image,
+        tracking.TAG_IMAGE_DIGEST: ctx.image_digest,
+        tracking.PARENT_TAG: parent,
+    }
+    tags.update({k: v for k, v in optional.items() if v})
+    return tags
+
+
+def run_step(step: str, raw_spec: dict[str, Any] | str) -> StepResult:
+    """Validate, resolve inputs, consult the cache, run the step, and log its result."""
+    started = time.monotonic()
+    spec = parse_spec(step, raw_spec)
+    module = step_module(step)
+
+    import mlflow
+    from mlflow import MlflowClient
+
+    uri = tracking.tracking_uri()
+    tracking.wait_for_server(uri)
+    client = MlflowClient(tracking_uri=uri)
+    experiment_id = tracking.ensure_experiment(client, spec.context.experiment_name)
+    parent = spec.context.parent_run_id or tracking.get_or_create_parent_run(client, experiment_id, spec.context)
+
+    with tempfile.TemporaryDirectory(prefix=f"modelopt-{step}-") as tmp:
+        workdir = Path(tmp)
+        inputs: dict[str, Path] = {}
+        for name in spec.input_fields:
+            value = getattr(spec, name)
+            if value:
+                log.info("Fetching %s: %s", name, value)
+                inputs[name] = tracking.fetch(value, workdir / "inputs" / name, field=name)
+        digests = {name: tracking.digest(path) for name, path in inputs.items()}
+        key = cache_key(spec, digests)
+        log.info("Cache key %s", key)
+
+        if not spec.context.force:
+            hit = tracking.find_cached(client, experiment_id, key)
+            if hit is not None:
+                return _reuse(client, spec, experiment_id, parent, key, hit, started)
+
+        run_name = spec.context.task_id or step
+        run = client.create_run(experiment_id, run_name=run_name, tags=_tags(spec, key, parent))
+        run_id = run.info.run_id
+        log.info("MLflow run %s (parent %s) in experiment %s", run_id, parent, experiment_id)
+        ctx = StepContext(spec, run_id, experiment_id, parent, workdir / "work", inputs, client)
+        ctx.workdir.mkdir()
+        try:
+            ctx.log_params(_flatten(spec.params()))
+            client.log_dict(run_id, json.loads(spec.model_dump_json()), "modelopt/spec.json")
+            with mlflow.start_run(run_id=run_id):
+                output: StepOutput = module.run(spec, ctx)
+            result = StepResult(
+                step=step, mlflow_run_id=run_id, parent_run_id=parent, experiment_id=experiment_id,
+                cache_key=key, artifacts=output.artifacts, metrics=output.metrics, info=output.info,
+                verdict=output.verdict, duration_s=round(time.monotonic() - started, 3),
+            )
+            ctx.log_metrics(output.metrics)
+            client.log_dict(run_id, result.model_dump(mode="json"), tracking.RESULT_ARTIFACT)
+            client.set_tag(run_id, tracking.TAG_STATUS, "succeeded")
+            client.set_terminated(run_id, "FINISHED")
+            return result
+        except BaseException as exc:
+            _mark_failed(client, run_id, exc)
+            raise
+
+
+def _reuse(client: Any, spec: StepSpec, experiment_id: str, parent: str | None, key: str, hit: Any,
+           started: float) -> StepResult:
+    """Record the cache hit as its own small run and return the original result."""
+    import mlflow
+
+    local = mlflow.artifacts.download_artifacts(run_id=hit.info.run_id, artifact_path=tracking.RESULT_ARTIFACT)
+    original = StepResult.model_validate(json.loads(Path(local).read_text()))
+    tags = _tags(spec, key, parent) | {tracking.TAG_CACHE_HIT: "true", tracking.TAG_CACHED_FROM: hit.info.run_id}
+    run = client.create_run(experiment_id, run_name=f"{spec.context.task_id or spec.step} (cached)", tags=tags)
+    log.info("Cache hit: reusing MLflow run %s (cache key %s); pass force=True to rebuild", hit.info.run_id, key)
+    result = original.model_copy(update={
+        "mlflow_run_id": run.info.run_id, "parent_run_id": parent, "cache_hit": True,
+        "cached_from_run_id": hit.info.run_id, "duration_s": round(time.monotonic() - started, 3),
+    })
+    client.log_dict(run.info.run_id, result.model_dump(mode="json"), tracking.RESULT_ARTIFACT)
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return result
+
+
+def _mark_failed(client: Any, run_id: str, exc: BaseException) -> None:
+    try:
+        client.set_tag(run_id, tracking.TAG_STATUS, "failed")
+        client.set_tag(run_id, tracking.TAG_ERROR, f"{type(exc).__name__}: {exc}"[:5000])
+        client.set_terminated(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+    except Exception:  # the original error matters more than the bookkeeping
+        log.exception("could not mark MLflow run %s as failed", run_id)
+
+
+def _flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for k, v in params.items():
+        if isinstance(v, dict) and v:
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = json.dumps(v) if isinstance(v, (list, dict)) else v
+    return flat
+
+
+__all__ = ["StepContext", "StepOutput", "cache_key", "run_step", "step_module"]
