@@ -500,7 +500,7 @@ def against_guide(source: Source, variants: list[Variant]) -> list[str]:
 
 
 def machine_line(threads: int) -> str:
-    from airflow_modelopt.container.steps.benchmark import hardware_fingerprint
+    from airflow_modelopt.container.runtimes.probe import hardware_fingerprint
 
     hw = hardware_fingerprint()
     return (f"Machine: {hw['cpu_model']}, {hw['physical_cores']} physical cores, {hw['usable_cpus']} usable CPUs, "

@@ -1,5 +1,5 @@
-"""Container side: finding the model file inside a fetched artifact (a file, a folder, or an
-MLflow model folder with its ``MLmodel`` file)."""
+"""Container side: reading a fetched artifact: an MLflow model folder's ``MLmodel`` file (the one
+reader of it), and the model file inside a file, a folder or an MLflow model folder."""
 
 from __future__ import annotations
 
@@ -9,17 +9,30 @@ from typing import Any
 from airflow_modelopt.exceptions import InputError
 
 
-def mlflow_flavors(folder: Path, uri: str, field: str = "model_uri") -> dict[str, Any] | None:
-    """The flavors of an MLflow model folder, or None when the folder is not an MLflow model."""
-    mlmodel = folder / "MLmodel"
+def read_mlmodel(folder: Path, uri: str = "", field: str = "model_uri") -> dict[str, Any] | None:
+    """The parsed ``MLmodel`` file of an MLflow model folder, or None when the folder is not one.
+    The one place the container side reads it."""
+    mlmodel = Path(folder) / "MLmodel"
     if not mlmodel.is_file():
         return None
     import yaml
 
     try:
-        return (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors") or {}
+        meta = yaml.safe_load(mlmodel.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise InputError(f"{field}: {uri} has an unreadable MLmodel file: {exc}") from None
+        raise InputError(f"{field}: {uri or folder} has an unreadable MLmodel file: {exc}") from None
+    if not isinstance(meta, dict):
+        raise InputError(f"{field}: {uri or folder} has an MLmodel file that is not a mapping")
+    return meta
+
+
+def mlflow_flavors(folder: Path, uri: str = "", field: str = "model_uri") -> dict[str, dict[str, Any]] | None:
+    """The flavors of an MLflow model folder (each flavor's settings, ``{}`` when empty), or None
+    when the folder is not an MLflow model."""
+    meta = read_mlmodel(folder, uri, field)
+    if meta is None:
+        return None
+    return {name: (conf or {}) for name, conf in (meta.get("flavors") or {}).items()}
 
 
 def locate_onnx(path: Path, uri: str, field: str = "model_uri", purpose: str = "") -> Path:

@@ -60,7 +60,7 @@ def cache_key(spec: StepSpec, input_digests: dict[str, str]) -> str:
         "image": spec.context.image_digest or spec.context.image or f"local:{__version__}",
     }
     if spec.cache_per_machine:  # measurements: a result from other hardware is not this one's
-        from airflow_modelopt.container.steps.benchmark import hardware_fingerprint
+        from airflow_modelopt.container.runtimes.probe import hardware_fingerprint
 
         payload["hardware"] = hardware_fingerprint()
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()

@@ -454,7 +454,7 @@ def test_latency_stats_and_target_flags():
 
 
 def test_hardware_fingerprint_names_cpu_and_cores():
-    from airflow_modelopt.container.steps.benchmark import hardware_fingerprint
+    from airflow_modelopt.container.runtimes.probe import hardware_fingerprint
 
     hw = hardware_fingerprint()
     assert hw["cpu_model"] and int(hw["physical_cores"]) >= 1 and int(hw["logical_cpus"]) >= int(hw["usable_cpus"]) >= 1

@@ -30,8 +30,8 @@ from __future__ import annotations
 import importlib
 import logging
 from pathlib import Path
-from typing import Any
 
+from airflow_modelopt.container.artifacts import mlflow_flavors
 from airflow_modelopt.container.runtimes.base import Runtime, dequantize, layout_perm, quantize
 from airflow_modelopt.container.signature import SIGNATURE_FILE, ModelSignature
 from airflow_modelopt.exceptions import InputError, ModelOptError
@@ -69,17 +69,6 @@ def _read_signature(*folders: Path) -> ModelSignature | None:
         if sig is not None:
             return sig
     return None
-
-
-def _mlflow_flavors(mlmodel: Path) -> dict[str, dict[str, Any]]:
-    import yaml
-
-    try:
-        meta = yaml.safe_load(mlmodel.read_text()) or {}
-    except Exception as exc:  # noqa: BLE001
-        raise InputError(f"{mlmodel} is not a readable MLflow MLmodel file: {exc}") from None
-    flavors = meta.get("flavors") or {}
-    return {k: (v or {}) for k, v in flavors.items()}
 
 
 def _model_files(folder: Path, fmt: str | None) -> list[Path]:
@@ -126,9 +115,8 @@ def _detect(path: Path, fmt: str | None, field: str) -> tuple[str, Path]:
             )
         return found, path
 
-    mlmodel = path / "MLmodel"
-    if mlmodel.is_file():
-        flavors = _mlflow_flavors(mlmodel)
+    flavors = mlflow_flavors(path, field=field)
+    if flavors is not None:
         if "onnx" in flavors and fmt in (None, "onnx"):
             target = path / str(flavors["onnx"].get("data") or "model.onnx")
             if not target.is_file():

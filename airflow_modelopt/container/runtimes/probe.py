@@ -1,4 +1,6 @@
-"""Peak memory of a fresh process that loads a model and runs it: what serving it costs.
+"""Probes of the machine and of a model's cost: the hardware a measurement ran on (CPU, cores,
+memory, GPUs: ``hardware_fingerprint``), and the peak memory of a fresh process that loads a model
+and runs it (what serving it costs):
 
     python -m airflow_modelopt.container.runtimes.probe '{"path": ..., "format": ..., "threads": 1,
         "batch_sizes": [1, 8], "runs": 3, "feeds": "inputs.npz"}'
@@ -11,11 +13,132 @@ the same interpreter, so imports, allocator and runtime are what a serving proce
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import platform
 import resource
+import shutil
+import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+
+# -- what the numbers were measured on ---------------------------------------------------------
+
+
+def hardware_fingerprint() -> dict[str, str]:
+    """CPU model, core counts, memory and machine: what the numbers were measured on."""
+    cpu_model, cores = "", set()
+    physical_id = core_id = None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = (part.strip() for part in line.partition(":"))
+            if key == "model name" and not cpu_model:
+                cpu_model = value
+            elif key == "physical id":
+                physical_id = value
+            elif key == "core id":
+                core_id = value
+            elif not key and physical_id is not None and core_id is not None:
+                cores.add((physical_id, core_id))
+                physical_id = core_id = None
+        if physical_id is not None and core_id is not None:
+            cores.add((physical_id, core_id))
+    except OSError:
+        pass
+    memory = ""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                memory = f"{int(line.split()[1]) / 1024 / 1024:.1f}"
+    except (OSError, ValueError):
+        pass
+    logical = os.cpu_count() or 0
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        usable = logical
+    facts = {
+        "cpu_model": cpu_model or platform.processor() or platform.machine(),
+        "physical_cores": str(len(cores) or logical),
+        "logical_cpus": str(logical),
+        "usable_cpus": str(usable),
+        "memory_gib": memory,
+        "machine": platform.machine(),
+        "system": f"{platform.system()} {platform.release()}",
+    }
+    gpu = _gpu_names()
+    if gpu:
+        facts["gpu"] = gpu
+    facts["fingerprint"] = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
+    return facts
+
+
+def _gpu_names() -> str:
+    if shutil.which("nvidia-smi") is None:
+        return ""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return ", ".join(line.strip() for line in out.stdout.splitlines() if line.strip()) if out.returncode == 0 else ""
+
+
+
+@dataclass
+class GpuInfo:
+    """What this machine can tell about its NVIDIA GPUs."""
+
+    count: int = 0
+    names: list[str] = field(default_factory=list)
+    compute_capabilities: list[str] = field(default_factory=list)
+    memory_mb: list[int] = field(default_factory=list)
+    reason: str | None = None  # why none is usable, when count == 0
+    cuda_python: bool = False
+
+
+def gpu_status() -> GpuInfo:
+    """The CUDA devices visible here, asked through cuda-python (else device files / nvidia-smi)."""
+    import glob
+
+    from airflow_modelopt.container.runtimes.cuda import cuda_error_text, cudart
+
+    rt = cudart()
+    if rt is not None:
+        err, count = rt.cudaGetDeviceCount()
+        if int(err) != 0:
+            reason = f"the CUDA runtime reports {cuda_error_text(rt, err)}"
+            if not glob.glob("/dev/nvidia[0-9]*"):
+                reason += "; no /dev/nvidia* device: no NVIDIA GPU or driver is visible to this process"
+            return GpuInfo(reason=reason, cuda_python=True)
+        if not count:
+            return GpuInfo(reason="the CUDA runtime sees no CUDA device", cuda_python=True)
+        info = GpuInfo(count=int(count), cuda_python=True)
+        for i in range(int(count)):
+            err, props = rt.cudaGetDeviceProperties(i)
+            if int(err) != 0:
+                info.names.append(f"device {i} ({cuda_error_text(rt, err)})")
+                info.compute_capabilities.append("?")
+                info.memory_mb.append(0)
+                continue
+            name = props.name
+            info.names.append((name.split(b"\0", 1)[0].decode() if isinstance(name, bytes) else str(name)).strip())
+            info.compute_capabilities.append(f"{props.major}.{props.minor}")
+            info.memory_mb.append(int(props.totalGlobalMem) >> 20)
+        return info
+    # Without cuda-python: enough to say what is there, not enough to use it.
+    devices = sorted(glob.glob("/dev/nvidia[0-9]*"))
+    names = [n for n in _gpu_names().split(", ") if n]
+    if names or devices:
+        return GpuInfo(count=len(names) or len(devices), names=names,
+                       reason="cuda-python is not installed, so the GPU cannot be used from Python")
+    smi = shutil.which("nvidia-smi")
+    parts = ["cuda-python is not installed", "no /dev/nvidia* device",
+             "nvidia-smi not found" if not smi else "nvidia-smi lists no GPU"]
+    return GpuInfo(reason="; ".join(parts))
 
 
 def _status_kib(key: str) -> int | None:

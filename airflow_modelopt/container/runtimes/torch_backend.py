@@ -95,10 +95,9 @@ class TorchRuntime(Runtime):
     def _mlflow_specs(self, folder: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
         import json
 
-        import yaml
+        from airflow_modelopt.container.artifacts import read_mlmodel
 
-        meta = yaml.safe_load((folder / "MLmodel").read_text()) or {}
-        sig = meta.get("signature") or {}
+        sig = (read_mlmodel(folder, self.origin, field="model") or {}).get("signature") or {}
 
         def tensors(raw: str | None, prefix: str) -> list[TensorSpec]:
             items = json.loads(raw) if raw else []

@@ -21,14 +21,10 @@ Pareto front marked; the promote step logs it on the parent run (``log_compariso
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import platform
-import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -37,74 +33,13 @@ import numpy as np
 from airflow_modelopt.container.context import StepContext, StepOutput
 from airflow_modelopt.container.data import as_model_dtype, load_npz, match_inputs, take_batch
 from airflow_modelopt.container.measure import latency_stats, time_batch
+from airflow_modelopt.container.runtimes.probe import hardware_fingerprint
 from airflow_modelopt.exceptions import GateFailed, InputError, StepFailed
 from airflow_modelopt.specs import Verdict
 from airflow_modelopt.specs.benchmark import BenchmarkSpec
 
 REPORT_DIR = "benchmark"
 MB = 1_000_000
-
-# -- hardware ---------------------------------------------------------------------------------
-
-
-def hardware_fingerprint() -> dict[str, str]:
-    """CPU model, core counts, memory and machine: what the numbers were measured on."""
-    cpu_model, cores = "", set()
-    physical_id = core_id = None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = (part.strip() for part in line.partition(":"))
-            if key == "model name" and not cpu_model:
-                cpu_model = value
-            elif key == "physical id":
-                physical_id = value
-            elif key == "core id":
-                core_id = value
-            elif not key and physical_id is not None and core_id is not None:
-                cores.add((physical_id, core_id))
-                physical_id = core_id = None
-        if physical_id is not None and core_id is not None:
-            cores.add((physical_id, core_id))
-    except OSError:
-        pass
-    memory = ""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                memory = f"{int(line.split()[1]) / 1024 / 1024:.1f}"
-    except (OSError, ValueError):
-        pass
-    logical = os.cpu_count() or 0
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        usable = logical
-    facts = {
-        "cpu_model": cpu_model or platform.processor() or platform.machine(),
-        "physical_cores": str(len(cores) or logical),
-        "logical_cpus": str(logical),
-        "usable_cpus": str(usable),
-        "memory_gib": memory,
-        "machine": platform.machine(),
-        "system": f"{platform.system()} {platform.release()}",
-    }
-    gpu = _gpu_names()
-    if gpu:
-        facts["gpu"] = gpu
-    facts["fingerprint"] = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
-    return facts
-
-
-def _gpu_names() -> str:
-    if shutil.which("nvidia-smi") is None:
-        return ""
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=20)
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    return ", ".join(line.strip() for line in out.stdout.splitlines() if line.strip()) if out.returncode == 0 else ""
-
 
 # -- measurement ------------------------------------------------------------------------------
 
@@ -283,7 +218,7 @@ def run(spec: BenchmarkSpec, ctx: StepContext) -> StepOutput:
     for reason in reasons:
         ctx.log.warning("%s", reason)
     if missed and spec.enforce_targets:
-        _log_metrics(ctx, metrics)
+        ctx.log_metrics(metrics)
         raise GateFailed(f"benchmark of {spec.model_uri} missed its targets: " + "; ".join(reasons))
     return StepOutput(
         artifacts=artifacts,
@@ -292,15 +227,6 @@ def run(spec: BenchmarkSpec, ctx: StepContext) -> StepOutput:
               "targets": flags},
         verdict=Verdict(passed=not missed, reasons=reasons) if spec.enforce_targets else None,
     )
-
-
-def _log_metrics(ctx: StepContext, metrics: dict[str, float]) -> None:
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    items = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
-    for i in range(0, len(items), 500):
-        ctx.client.log_batch(ctx.run_id, metrics=items[i : i + 500])
 
 
 # -- comparison across candidates -------------------------------------------------------------
@@ -387,4 +313,4 @@ def log_comparison_plot(client: Any, parent_run_id: str, rows: list[dict[str, An
     return f"runs:/{parent_run_id}/{artifact_path}/{png.name}"
 
 
-__all__ = ["comparison_plot", "hardware_fingerprint", "latency_stats", "log_comparison_plot", "pareto_front", "run"]
+__all__ = ["comparison_plot", "log_comparison_plot", "pareto_front", "run"]

@@ -334,7 +334,7 @@ def run(spec: ValidateEquivalenceSpec, ctx: StepContext) -> StepOutput:
     ctx.client.set_tag(ctx.run_id, TAG_VERDICT, "passed" if verdict.passed else "failed")
     ctx.log.info("Verdict for %s: %s", name, "PASSED" if verdict.passed else "FAILED: " + "; ".join(verdict.reasons))
     if not verdict.passed:
-        _log_metrics(ctx, metrics)  # the runner logs metrics only for a step that returns
+        ctx.log_metrics(metrics)  # the runner logs metrics only for a step that returns
         raise GateFailed(f"validation of {spec.candidate_uri} against {spec.reference_uri} failed: "
                          + "; ".join(verdict.reasons) + f" (report: {artifacts['report_md']})")
     return StepOutput(
@@ -361,15 +361,6 @@ def log_report(ctx: StepContext, report: dict[str, Any], ref_out: list[np.ndarra
         ctx.log.warning("No error-distribution plot: matplotlib is not installed (%s)", exc)
     ctx.log_artifact(folder, REPORT_DIR)
     return artifacts
-
-
-def _log_metrics(ctx: StepContext, metrics: dict[str, float]) -> None:
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    items = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
-    for i in range(0, len(items), 500):
-        ctx.client.log_batch(ctx.run_id, metrics=items[i : i + 500])
 
 
 __all__ = ["classification_metrics", "evaluate", "markdown_report", "output_metrics", "run"]
