@@ -35,7 +35,11 @@ OPTIONS: dict[str, tuple[str, str]] = {
     "kubernetes_in_cluster": ("", "True or False; empty lets the Kubernetes provider decide (in-cluster, else kubeconfig)."),
     "mlflow_conn_id": ("mlflow_default", "Airflow connection that names the MLflow tracking server."),
     "default_tracking_uri": ("", "Tracking URI used when the connection does not exist; empty means a SQLite store under $AIRFLOW_HOME/modelopt."),
-    "mlflow_connect_retries": ("5", "Attempts to reach the tracking server, with exponential backoff, before failing."),
+    "mlflow_connect_retries": ("5", "Attempts a step makes to reach the tracking server, with exponential backoff, before it exits with code 4."),
+    "transient_failure_retries": ("3", "Retries, with exponential backoff, of a task whose step could not reach MLflow (exit code 4) when the task sets no retries of its own; other failures keep the task's retries."),
+    "trust_model_code": ("False", "Let steps unpickle objects that run code from model files (pickled .pt2 entries, MLflow pytorch models saved with pickle). Only for deployments whose model sources are trusted: whoever can trigger a DAG or publish an asset chooses the model."),
+    "read_only_root_filesystem": ("True", "Run step containers (docker, kubernetes) on a read-only root with a scratch /tmp, also their HOME."),
+    "kubernetes_run_as_user": ("1000", "UID (and GID, fsGroup) of step pods; the images' user is 1000. Empty: the platform assigns one (OpenShift)."),
 }
 
 
@@ -46,6 +50,26 @@ def get(option: str) -> str:
     default = OPTIONS[option][0]
     value = conf.get(SECTION, option, fallback=default)
     return default if value is None else str(value)
+
+
+def get_int(option: str) -> int:
+    """``[modelopt] option`` as an integer >= 0; raise naming the option and the bad value."""
+    value = get(option).strip()
+    if not value.isdigit():
+        raise ValueError(f"[{SECTION}] {option} is {value!r}; expected a whole number >= 0")
+    return int(value)
+
+
+def get_bool(option: str) -> bool:
+    """``[modelopt] option`` as a boolean (true/false, yes/no, 1/0, on/off; any case)."""
+    value = get(option).strip().lower()
+    if value in _TRUE or value in _FALSE:
+        return value in _TRUE
+    raise ValueError(f"[{SECTION}] {option} is {value!r}; expected True or False")
+
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
 
 
 def resolve_execution_mode(explicit: str | None) -> str:
@@ -102,7 +126,7 @@ def _tristate(value: str) -> bool | None:
     value = value.strip().lower()
     if not value:
         return None
-    return value in ("1", "true", "yes")
+    return value in _TRUE
 
 
 def provider_config() -> dict[str, Any]:

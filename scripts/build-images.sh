@@ -8,7 +8,9 @@
 #        build/wheelhouse/tensorflow/{deps,replace,nodeps,project}  what [tensorflow,litert] adds,
 #          the base packages it needs at other versions, and onnx2tf (see images/tensorflow/Dockerfile)
 #   3. airflow-modelopt-<family>:<tag> (and :latest) for each family, with `pip install --no-index`
-#      from those wheelhouses.
+#      from those wheelhouses: base; for torch and tensorflow, first their framework layer
+#      (images/base/framework.Dockerfile on base's runtime stage, tagged
+#      airflow-modelopt-<family>-framework:<tag>), then images/<family>/Dockerfile adds the project.
 #
 #   scripts/build-images.sh [--base-image IMAGE] [--tag TAG] [--images base,torch,tensorflow]
 #
@@ -251,8 +253,13 @@ if [ ${#families[@]} -gt 1 ]; then
     --target runtime
 fi
 for family in "${families[@]:1}"; do
-  build "airflow-modelopt-$family" "images/$family/Dockerfile" "$WH/$family" \
+  # One recipe for every family's frameworks (images/base/framework.Dockerfile); replace/ and
+  # nodeps/ are empty where a family needs neither.
+  mkdir -p "$WH/$family/replace" "$WH/$family/nodeps"
+  build "airflow-modelopt-$family-framework" images/base/framework.Dockerfile "$WH/$family" \
     --build-arg "RUNTIME_IMAGE=airflow-modelopt-base-runtime:$tag" --build-arg "PYTHON_IMAGE=$base_image"
+  build "airflow-modelopt-$family" "images/$family/Dockerfile" "$WH/$family" \
+    --build-arg "FRAMEWORK_IMAGE=airflow-modelopt-$family-framework:$tag"
 done
 
 # ---- 5. smoke test ------------------------------------------------------------------------------

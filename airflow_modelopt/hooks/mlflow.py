@@ -19,12 +19,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from airflow_modelopt import config
+from airflow.sdk import BaseHook
 
-try:  # Airflow 3
-    from airflow.sdk import BaseHook
-except ImportError:  # pragma: no cover - Airflow 2
-    from airflow.hooks.base import BaseHook  # type: ignore[no-redef]
+from airflow_modelopt import config
 
 
 @dataclass(frozen=True)

@@ -8,23 +8,19 @@ described once, in ``specs.py``, and the operator, the container and the docs ag
 from __future__ import annotations
 
 import ast
+import dataclasses
 from functools import cached_property
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
+from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 from pydantic import TypeAdapter, ValidationError
 
 from airflow_modelopt import config
 from airflow_modelopt.exceptions import SpecError
-from airflow_modelopt.hooks.mlflow import MlflowHook
-from airflow_modelopt.operators.launchers import LAUNCHERS, Launcher
+from airflow_modelopt.hooks.mlflow import MlflowHook, TrackingConfig
+from airflow_modelopt.operators.launchers import LAUNCHERS, Launcher, LaunchRequest, TrackingUnavailableError
 from airflow_modelopt.specs import RunContext, StepResult, StepSpec, format_validation_error
-
-try:  # Airflow 3
-    from airflow.sdk import BaseOperator
-    from airflow.sdk.exceptions import AirflowFailException
-except ImportError:  # pragma: no cover - Airflow 2
-    from airflow.exceptions import AirflowFailException  # type: ignore[no-redef]
-    from airflow.models import BaseOperator  # type: ignore[no-redef]
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -64,10 +60,16 @@ class ModelOptOperator(BaseOperator):
     :param mlflow_conn_id: Airflow connection of the MLflow tracking server (default ``mlflow_default``).
     :param experiment_name: MLflow experiment; default the DAG id.
     :param force: run even when a finished MLflow run with the same cache key exists.
+    :param trust_model_code: let the step unpickle objects that run code from model files (a .pt2
+        holding pickled objects, an MLflow pytorch model saved with pickle). Only for trusted
+        sources; default ``[modelopt] trust_model_code`` (False). See docs/security.md.
     :param python: interpreter for local mode (default: ``[modelopt] local_python``, else this one).
     :param docker_kwargs: extra DockerOperator arguments (mem_limit, device_requests, ...).
     :param kubernetes_kwargs: extra KubernetesPodOperator arguments (container_resources,
         node_selector, tolerations, affinity, ...).
+    :param retries: Airflow's; when neither it nor ``default_args`` sets it, a step that could not
+        reach MLflow (exit code 4) is retried ``[modelopt] transient_failure_retries`` times with
+        exponential backoff, and any other failure fails the task as Airflow's default would.
     """
 
     spec_class: ClassVar[type[StepSpec]]
@@ -102,12 +104,28 @@ class ModelOptOperator(BaseOperator):
         experiment_name: str | None = None,
         force: bool = False,
         python: str | None = None,
+        trust_model_code: bool | None = None,
         docker_kwargs: dict[str, Any] | None = None,
         kubernetes_kwargs: dict[str, Any] | None = None,
+        retries: int | None = None,
+        retry_exponential_backoff: float | None = None,
         **kwargs: Any,
     ) -> None:
         spec_values = {name: kwargs.pop(name) for name in self._spec_fields if name in kwargs}
+        # Named here, not left in **kwargs, so that default_args fill them at this level: None
+        # means neither the task nor its DAG set them.
+        transient_retries = config.get_int("transient_failure_retries") if retries is None else 0
+        if retries is not None:
+            kwargs["retries"] = retries
+        if retry_exponential_backoff is not None:
+            kwargs["retry_exponential_backoff"] = retry_exponential_backoff
         super().__init__(**kwargs)
+        #: The retries the task has for any failure; more may be added for transient ones only.
+        self.own_retries = int(self.retries or 0)
+        if transient_retries > self.own_retries:
+            self.retries = transient_retries
+            if retry_exponential_backoff is None:
+                self.retry_exponential_backoff = 2.0
         self._spec_values_given = tuple(spec_values)
         for name in self._spec_fields:  # every template field must exist; unset ones stay None
             setattr(self, name, spec_values.get(name))
@@ -117,6 +135,7 @@ class ModelOptOperator(BaseOperator):
         self.experiment_name = experiment_name
         self.force = force
         self.python = python
+        self.trust_model_code = trust_model_code
         self.docker_kwargs = dict(docker_kwargs or {})
         self.kubernetes_kwargs = dict(kubernetes_kwargs or {})
         self._launcher: Launcher | None = None
@@ -190,6 +209,8 @@ class ModelOptOperator(BaseOperator):
             execution_mode=mode,
             experiment_name=self.experiment_name or dag_id or "airflow-modelopt",
             force=force,
+            trust_model_code=(config.get_bool("trust_model_code") if self.trust_model_code is None
+                              else bool(self.trust_model_code)),
         )
 
     # -- execution --------------------------------------------------------------------------
@@ -198,6 +219,14 @@ class ModelOptOperator(BaseOperator):
     def mlflow_hook(self) -> MlflowHook:
         return MlflowHook(self.mlflow_conn_id or config.get("mlflow_conn_id"))
 
+    def launch_request(self, spec: StepSpec, tracking: TrackingConfig) -> LaunchRequest:
+        """What the launcher gets: the validated spec and this task's rendered arguments."""
+        image = _coerce_rendered(self.image)
+        return LaunchRequest(
+            task_id=self.task_id, spec=spec, tracking=tracking, image=str(image) if image else None,
+            python=self.python or None, docker_kwargs=self.docker_kwargs, kubernetes_kwargs=self.kubernetes_kwargs,
+        )
+
     def execute(self, context: Context) -> dict[str, Any]:
         try:
             mode = config.resolve_execution_mode(self.execution_mode)
@@ -205,12 +234,21 @@ class ModelOptOperator(BaseOperator):
         except SpecError as exc:
             raise AirflowFailException(str(exc)) from None
         tracking = self.mlflow_hook.tracking_config()
-        tracking.public_env.setdefault("MODELOPT_MLFLOW_CONNECT_RETRIES", config.get("mlflow_connect_retries"))
+        tracking = dataclasses.replace(tracking, public_env={
+            "MODELOPT_MLFLOW_CONNECT_RETRIES": config.get("mlflow_connect_retries"), **tracking.public_env})
         self.log.info(
             "Running step %s in %s mode; MLflow: %s (%s)", spec.step, mode, tracking.tracking_uri, tracking.source
         )
-        self._launcher = LAUNCHERS[mode](self)
-        result: StepResult = self._launcher.launch(spec, tracking, context)
+        self._launcher = LAUNCHERS[mode](self.launch_request(spec, tracking), self.log)
+        try:
+            result: StepResult = self._launcher.launch(context)
+        except (AirflowFailException, AirflowSkipException, TrackingUnavailableError):
+            raise
+        except Exception as exc:
+            if self._own_retries_spent(context):
+                raise AirflowFailException(f"{exc}\n(no retry left: the task's retries are {self.own_retries}; "
+                                           "only an unreachable MLflow is retried beyond them)") from exc
+            raise
         self.log.info(
             "Step %s %s: MLflow run %s, cache key %s", spec.step,
             "reused a cached run" if result.cache_hit else "finished", result.mlflow_run_id, result.cache_key[:16],
@@ -220,6 +258,13 @@ class ModelOptOperator(BaseOperator):
         for name, value in sorted(result.metrics.items()):
             self.log.info("  metric %s = %.6g", name, value)
         return result.model_dump(mode="json")
+
+    def _own_retries_spent(self, context: Context) -> bool:
+        """True when Airflow would retry only because of the retries added for transient failures."""
+        if self.retries is None or self.retries <= self.own_retries:
+            return False
+        ti = context.get("ti")
+        return int(getattr(ti, "try_number", 1) or 1) > self.own_retries
 
     def on_kill(self) -> None:
         if self._launcher is not None:

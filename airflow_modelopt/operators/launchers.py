@@ -1,21 +1,35 @@
 """The three ways to run a step: a local subprocess, a Docker container, a Kubernetes pod.
 
-Each launcher turns a validated spec into the container entry point's command line
-(``airflow-modelopt run <step> --spec <json>``), runs it, and reads back the result: the last
-stdout line, or ``/airflow/xcom/return.json`` on Kubernetes. Docker and Kubernetes reuse the
-providers' own operators, so logs, ``on_kill`` and connections behave as Airflow users expect.
+A launcher gets a frozen :class:`LaunchRequest` (what the operator rendered and validated), turns
+its spec into the container entry point's command line (``airflow-modelopt run <step> --spec
+<json>``), runs it, and reads back the result: the last stdout line, or
+``/airflow/xcom/return.json`` on Kubernetes. Docker and Kubernetes reuse the providers' own
+operators, so logs, ``on_kill`` and connections behave as Airflow users expect. Launchers know
+nothing of the operator that built the request.
+
+Steps run with the least privilege each mode allows (``[modelopt] read_only_root_filesystem``,
+``kubernetes_run_as_user``): a read-only root with scratch space on ``/tmp`` (also ``HOME``, where
+matplotlib, Keras and torch keep caches), no capabilities, no privilege escalation and, on
+Kubernetes, a non-root user and the runtime's default seccomp profile. ``docker_kwargs`` and
+``kubernetes_kwargs`` override each setting by the provider argument's name.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
+import functools
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
+
+from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSkipException
 
 from airflow_modelopt import config
 from airflow_modelopt.exceptions import (
@@ -26,22 +40,11 @@ from airflow_modelopt.exceptions import (
     EXIT_UNSUPPORTED_HERE,
     NON_RETRYABLE_EXIT_CODES,
 )
+from airflow_modelopt.hooks.mlflow import TrackingConfig
 from airflow_modelopt.specs import StepResult, StepSpec
-
-try:  # Airflow 3
-    from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSkipException
-except ImportError:  # pragma: no cover - Airflow 2
-    from airflow.exceptions import (  # type: ignore[no-redef]
-        AirflowException,
-        AirflowFailException,
-        AirflowSkipException,
-    )
 
 if TYPE_CHECKING:
     from airflow.sdk import BaseOperator, Context
-
-    from airflow_modelopt.hooks.mlflow import TrackingConfig
-    from airflow_modelopt.operators.base import ModelOptOperator
 
 #: How many of a failed step's last log lines go into the task's error.
 TAIL_LINES = 25
@@ -53,6 +56,44 @@ _EXIT_MEANING = {
     EXIT_CONVERSION_FAILED: "the converter refused the model; not retried",
     EXIT_UNSUPPORTED_HERE: "this worker cannot run the step (no GPU or framework); not retried",
 }
+
+
+#: The writable scratch folder on a read-only root: ``tempfile.gettempdir()`` and ``HOME``.
+SCRATCH_DIR = "/tmp"
+SCRATCH_VOLUME = "modelopt-scratch"
+
+
+class TrackingUnavailableError(AirflowException):
+    """The step could not reach MLflow (exit code 4): transient, so retried with backoff."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchRequest:
+    """Everything a launcher needs to run one step, built by the operator once its fields are
+    rendered and the spec validated. Launchers never change it (they send a copy of the spec
+    with the image filled in)."""
+
+    task_id: str
+    spec: StepSpec
+    tracking: TrackingConfig
+    #: The operator's ``image`` argument; None: from ``[modelopt]`` image options.
+    image: str | None = None
+    #: Interpreter for local mode; None: ``[modelopt] local_python``, else the worker's.
+    python: str | None = None
+    docker_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    kubernetes_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("docker_kwargs", "kubernetes_kwargs"):
+            object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
+
+    def spec_for_image(self, image: str | None, digest: str | None = None) -> StepSpec:
+        """A copy of the spec with the image (and its digest: both are in the cache key)."""
+        context = self.spec.context.model_copy(update={"image": image, "image_digest": digest})
+        return self.spec.model_copy(update={"context": context})
+
+    def resolved_image(self) -> str:
+        return config.image_for(self.spec.step, self.image, self.spec.resolved_image_family())
 
 
 def command_for(spec: StepSpec) -> list[str]:
@@ -74,14 +115,21 @@ def parse_result(lines: Iterable[str], *, where: str) -> StepResult:
 
 
 def failure(step: str, where: str, exit_code: int | None, lines: list[str], detail: str = "") -> Exception:
-    """The exception a failed step raises: the exit code's meaning and the last log lines."""
+    """The exception a failed step raises: the exit code's meaning and the last log lines.
+
+    Its class tells Airflow what to do: ``AirflowFailException`` (never retried) for the exit codes
+    a retry cannot help, ``TrackingUnavailableError`` for an unreachable MLflow, else
+    ``AirflowException`` (the task's own retries)."""
     meaning = _EXIT_MEANING.get(exit_code or -1, "step failed")
     tail = "\n".join(line.rstrip() for line in lines[-TAIL_LINES:])
     message = f"step {step} failed in {where} (exit code {exit_code}: {meaning}).{detail}"
     if tail:
         message += f"\nLast log lines:\n{tail}"
-    cls = AirflowFailException if exit_code in NON_RETRYABLE_EXIT_CODES else AirflowException
-    return cls(message)
+    if exit_code in NON_RETRYABLE_EXIT_CODES:
+        return AirflowFailException(message)
+    if exit_code == EXIT_TRACKING_UNAVAILABLE:
+        return TrackingUnavailableError(message)
+    return AirflowException(message)
 
 
 def run_nested(operator: BaseOperator, context: Context) -> Any:
@@ -91,10 +139,8 @@ def run_nested(operator: BaseOperator, context: Context) -> Any:
     the design (one task, one container), so the inner operator is marked as the one the
     runner is executing while it runs.
     """
-    try:
-        from airflow.sdk.bases.operator import ExecutorSafeguard
-    except ImportError:  # pragma: no cover - Airflow 2
-        return operator.execute(context)
+    from airflow.sdk.bases.operator import ExecutorSafeguard
+
     token = ExecutorSafeguard.tracker.set(operator)
     try:
         return operator.execute(context)
@@ -105,11 +151,11 @@ def run_nested(operator: BaseOperator, context: Context) -> Any:
 class Launcher:
     mode = ""
 
-    def __init__(self, operator: ModelOptOperator) -> None:
-        self.operator = operator
-        self.log = operator.log
+    def __init__(self, request: LaunchRequest, log: logging.Logger | logging.LoggerAdapter | None = None) -> None:
+        self.request = request
+        self.log = log or logging.getLogger(__name__)
 
-    def launch(self, spec: StepSpec, tracking: TrackingConfig, context: Context) -> StepResult:
+    def launch(self, context: Context) -> StepResult:
         raise NotImplementedError
 
     def kill(self) -> None:
@@ -121,14 +167,15 @@ class LocalLauncher(Launcher):
 
     mode = "local"
 
-    def __init__(self, operator: ModelOptOperator) -> None:
-        super().__init__(operator)
+    def __init__(self, request: LaunchRequest, log: logging.Logger | logging.LoggerAdapter | None = None) -> None:
+        super().__init__(request, log)
         self.process: subprocess.Popen[str] | None = None
 
     def python(self) -> str:
-        return self.operator.python or config.get("local_python") or sys.executable
+        return self.request.python or config.get("local_python") or sys.executable
 
-    def launch(self, spec: StepSpec, tracking: TrackingConfig, context: Context) -> StepResult:
+    def launch(self, context: Context) -> StepResult:
+        spec, tracking = self.request.spec, self.request.tracking
         argv = [self.python(), "-m", "airflow_modelopt", "run", spec.step, "--spec", "-"]
         env = {**os.environ, **tracking.public_env, **tracking.secret_env, "PYTHONUNBUFFERED": "1"}
         self.log.info("Starting %s", " ".join(argv))
@@ -159,13 +206,69 @@ class LocalLauncher(Launcher):
             os.killpg(self.process.pid, signal.SIGTERM)
 
 
+def scratch_env() -> dict[str, str]:
+    """Environment of a step on a read-only root: HOME in the scratch folder."""
+    return {"HOME": SCRATCH_DIR} if config.get_bool("read_only_root_filesystem") else {}
+
+
+#: Host settings the DockerOperator has no argument for; ``docker_kwargs`` may override each.
+DOCKER_HOST_SETTINGS = ("read_only", "tmpfs", "cap_drop", "security_opt")
+
+
+def docker_host_settings(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """The step container's hardening (docker-py ``create_host_config`` arguments), then the
+    user's ``docker_kwargs`` of the same names."""
+    read_only = config.get_bool("read_only_root_filesystem")
+    settings: dict[str, Any] = {
+        "read_only": read_only,
+        # Docker mounts a tmpfs noexec by default; torch's inductor loads the code it compiles there.
+        "tmpfs": {SCRATCH_DIR: "rw,exec,nosuid,nodev,mode=1777"} if read_only else {},
+        "cap_drop": ["ALL"],
+        "security_opt": ["no-new-privileges:true"],
+    }
+    settings.update({k: v for k, v in overrides.items() if k in DOCKER_HOST_SETTINGS})
+    return settings
+
+
+class _HostConfigClient:
+    """A docker-py ``APIClient`` whose ``create_host_config`` adds the step's host settings."""
+
+    def __init__(self, client: Any, settings: Mapping[str, Any]) -> None:
+        self._client = client
+        self._settings = settings
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    def create_host_config(self, **kwargs: Any) -> Any:
+        return self._client.create_host_config(**{**kwargs, **self._settings})
+
+
+@functools.cache
+def _step_docker_operator() -> type:
+    """The Docker provider's operator, plus the host settings it has no argument for (imported
+    on first use: DAG files that never run docker mode do not load the Docker client)."""
+    from airflow.providers.docker.operators.docker import DockerOperator
+
+    class StepDockerOperator(DockerOperator):
+        def __init__(self, *, host_settings: Mapping[str, Any], **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.host_settings = dict(host_settings)
+
+        @property
+        def cli(self) -> Any:
+            return _HostConfigClient(self.hook.api_client, self.host_settings)
+
+    return StepDockerOperator
+
+
 class DockerLauncher(Launcher):
     """Through the Docker provider's DockerOperator; the image per step comes from config."""
 
     mode = "docker"
 
-    def __init__(self, operator: ModelOptOperator) -> None:
-        super().__init__(operator)
+    def __init__(self, request: LaunchRequest, log: logging.Logger | logging.LoggerAdapter | None = None) -> None:
+        super().__init__(request, log)
         self.docker_operator: Any = None
 
     def image_digest(self, hook: Any, image: str) -> str:
@@ -189,32 +292,36 @@ class DockerLauncher(Launcher):
         repo_digests = info.get("RepoDigests") or []
         return repo_digests[0].split("@", 1)[-1] if repo_digests else info["Id"]
 
-    def build_operator(self, spec: StepSpec, tracking: TrackingConfig) -> Any:
-        from airflow.providers.docker.operators.docker import DockerOperator
-
+    def build_operator(self, spec: StepSpec | None = None) -> Any:
+        """The DockerOperator that runs ``spec`` (default: the request's, its image filled in)."""
+        request = self.request
+        spec = spec or request.spec
+        user = {k: v for k, v in request.docker_kwargs.items() if k not in DOCKER_HOST_SETTINGS}
         kwargs: dict[str, Any] = {
             "docker_url": config.get("docker_url"),
             "network_mode": config.get("docker_network_mode"),
             "mount_tmp_dir": False,
             "auto_remove": "success",
             "tty": False,
-            **self.operator.docker_kwargs,
+            **user,
         }
-        return DockerOperator(
-            task_id=self.operator.task_id,
+        return _step_docker_operator()(
+            task_id=request.task_id,
             image=spec.context.image,
             command=command_for(spec),
-            environment=dict(tracking.public_env),
-            private_environment=dict(tracking.secret_env),
+            environment={**scratch_env(), **request.tracking.public_env},
+            private_environment=dict(request.tracking.secret_env),
             do_xcom_push=True,
             xcom_all=True,
-            labels={"airflow-modelopt.step": spec.step, "airflow-modelopt.task": self.operator.task_id},
+            labels={"airflow-modelopt.step": spec.step, "airflow-modelopt.task": request.task_id},
+            host_settings=docker_host_settings(request.docker_kwargs),
             **kwargs,
         )
 
-    def launch(self, spec: StepSpec, tracking: TrackingConfig, context: Context) -> StepResult:
+    def launch(self, context: Context) -> StepResult:
         from airflow.providers.docker.exceptions import DockerContainerFailedException
 
+        tracking = self.request.tracking
         if not tracking.is_remote:
             raise AirflowFailException(
                 f"docker mode needs an MLflow tracking server over HTTP that containers can reach, but "
@@ -222,13 +329,14 @@ class DockerLauncher(Launcher):
                 "AIRFLOW_CONN_MLFLOW_DEFAULT='http://127.0.0.1:5000' (with [modelopt] "
                 "docker_network_mode=host for a server on the worker's loopback)."
             )
-        image = config.image_for(spec.step, self.operator.image, spec.resolved_image_family())
-        spec.context.image = image
-        self.docker_operator = self.build_operator(spec, tracking)
-        spec.context.image_digest = self.image_digest(self.docker_operator.hook, image)
+        image = self.request.resolved_image()
+        spec = self.request.spec_for_image(image)
+        self.docker_operator = self.build_operator(spec)
+        digest = self.image_digest(self.docker_operator.hook, image)
         # The digest is part of the spec (and so of the cache key): rebuild the command.
+        spec = self.request.spec_for_image(image, digest)
         self.docker_operator.command = command_for(spec)
-        self.log.info("Image %s (%s)", image, spec.context.image_digest)
+        self.log.info("Image %s (%s)", image, digest)
         try:
             lines = run_nested(self.docker_operator, context) or []
         except DockerContainerFailedException as exc:
@@ -264,21 +372,65 @@ def base_container_exit_code(pod_operator: Any) -> int | None:
     return None
 
 
+def pod_security(kubernetes_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The restricted Pod Security Standard for the step pod, its container and the xcom sidecar,
+    plus the scratch volume a read-only root needs; ``kubernetes_kwargs`` of the same names win
+    (given volumes and mounts are kept, the scratch ones added unless ``/tmp`` is mounted)."""
+    from kubernetes.client import models as k8s
+
+    read_only = config.get_bool("read_only_root_filesystem")
+    uid = config.get("kubernetes_run_as_user").strip()
+    pod = k8s.V1PodSecurityContext(run_as_non_root=True, seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"))
+    if uid:  # empty: the platform assigns one (OpenShift); the images' HOME is group-0 writable
+        pod.run_as_user = pod.run_as_group = pod.fs_group = int(uid)
+
+    def container() -> k8s.V1SecurityContext:
+        return k8s.V1SecurityContext(
+            allow_privilege_escalation=False, capabilities=k8s.V1Capabilities(drop=["ALL"]),
+            read_only_root_filesystem=read_only, run_as_non_root=True,
+            seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"),
+        )
+
+    settings: dict[str, Any] = {
+        "security_context": pod,
+        "container_security_context": container(),
+        "xcom_sidecar_container_security_context": container(),
+    }
+    settings.update({k: v for k, v in kubernetes_kwargs.items() if k in settings})
+    volumes = list(kubernetes_kwargs.get("volumes") or [])
+    mounts = list(kubernetes_kwargs.get("volume_mounts") or [])
+    if read_only and not any(k8s_field(m, "mount_path") == SCRATCH_DIR for m in mounts):
+        volumes.append(k8s.V1Volume(name=SCRATCH_VOLUME, empty_dir=k8s.V1EmptyDirVolumeSource()))
+        mounts.append(k8s.V1VolumeMount(name=SCRATCH_VOLUME, mount_path=SCRATCH_DIR))
+    return {**settings, "volumes": volumes, "volume_mounts": mounts}
+
+
+def k8s_field(obj: Any, name: str) -> Any:
+    """A field of a Kubernetes model given as an object or as its dict (snake_case or camelCase)."""
+    if isinstance(obj, dict):
+        camel = "".join(part.capitalize() if i else part for i, part in enumerate(name.split("_")))
+        return obj.get(name, obj.get(camel))
+    return getattr(obj, name, None)
+
+
 class KubernetesLauncher(Launcher):
     """Through the cncf.kubernetes provider's KubernetesPodOperator; result from return.json."""
 
     mode = "kubernetes"
 
-    def __init__(self, operator: ModelOptOperator) -> None:
-        super().__init__(operator)
+    def __init__(self, request: LaunchRequest, log: logging.Logger | logging.LoggerAdapter | None = None) -> None:
+        super().__init__(request, log)
         self.pod_operator: Any = None
 
-    def build_operator(self, spec: StepSpec, tracking: TrackingConfig) -> Any:
+    def build_operator(self, spec: StepSpec | None = None) -> Any:
+        """The KubernetesPodOperator that runs ``spec`` (default: the request's, its image filled in)."""
         from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
         from airflow.providers.cncf.kubernetes.secret import Secret
 
+        request, tracking = self.request, self.request.tracking
+        spec = spec or request.spec
         settings = config.KubernetesSettings.from_config()
-        extra = dict(self.operator.kubernetes_kwargs)
+        extra = dict(request.kubernetes_kwargs)
         secrets = list(extra.pop("secrets", []))
         if settings.mlflow_secret:
             secrets.append(Secret("env", None, settings.mlflow_secret))
@@ -302,23 +454,24 @@ class KubernetesLauncher(Launcher):
             "on_finish_action": "delete_succeeded_pod",
             "get_logs": True,
             **extra,
+            **pod_security(extra),
         }
         return KubernetesPodOperator(
-            task_id=self.operator.task_id,
+            task_id=request.task_id,
             name=f"modelopt-{spec.step.replace('_', '-')}",
             image=spec.context.image,
             cmds=argv[:1],
             arguments=argv[1:],
-            env_vars=dict(tracking.public_env),
+            env_vars={**scratch_env(), **tracking.public_env},
             secrets=secrets,
             do_xcom_push=True,
             labels={"app.kubernetes.io/name": "airflow-modelopt", "airflow-modelopt/step": spec.step},
             **kwargs,
         )
 
-    def launch(self, spec: StepSpec, tracking: TrackingConfig, context: Context) -> StepResult:
-        spec.context.image = config.image_for(spec.step, self.operator.image, spec.resolved_image_family())
-        self.pod_operator = self.build_operator(spec, tracking)
+    def launch(self, context: Context) -> StepResult:
+        spec = self.request.spec_for_image(self.request.resolved_image())
+        self.pod_operator = self.build_operator(spec)
         try:
             raw = run_nested(self.pod_operator, context)
         except AirflowSkipException:

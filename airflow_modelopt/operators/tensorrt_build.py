@@ -6,16 +6,13 @@ import copy
 from typing import Any
 
 from airflow_modelopt.operators.base import ModelOptOperator
+from airflow_modelopt.operators.launchers import k8s_field
 from airflow_modelopt.specs.tensorrt_build import TensorRTBuildSpec
 
 #: The extended resource NVIDIA's Kubernetes device plugin advertises.
 GPU_RESOURCE = "nvidia.com/gpu"
 #: GPU node pools are commonly tainted with this key; the pod tolerates it.
 GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
-
-
-def _get(obj: Any, name: str) -> Any:
-    return obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
 
 
 def with_gpu_request(kubernetes_kwargs: dict[str, Any], gpus: int = 1) -> dict[str, Any]:
@@ -31,7 +28,7 @@ def with_gpu_request(kubernetes_kwargs: dict[str, Any], gpus: int = 1) -> dict[s
     if resources is None:
         merged["container_resources"] = {"limits": {GPU_RESOURCE: str(gpus)}}
     else:
-        limits = dict(_get(resources, "limits") or {})
+        limits = dict(k8s_field(resources, "limits") or {})
         if GPU_RESOURCE not in limits:
             limits[GPU_RESOURCE] = str(gpus)
             if isinstance(resources, dict):
@@ -41,7 +38,7 @@ def with_gpu_request(kubernetes_kwargs: dict[str, Any], gpus: int = 1) -> dict[s
                 resources.limits = limits
         merged["container_resources"] = resources
     tolerations = list(merged.get("tolerations") or [])
-    if not any(_get(t, "key") == GPU_RESOURCE for t in tolerations):
+    if not any(k8s_field(t, "key") == GPU_RESOURCE for t in tolerations):
         tolerations.append(dict(GPU_TOLERATION))
     merged["tolerations"] = tolerations
     return merged

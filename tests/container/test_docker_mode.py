@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tests.conftest import make_airflow_home
 from tests.container.conftest import IMAGES, optimize_in_docker
 from tests.integration.test_dag_local import DAG_ID, dag_conf, step_runs_of_latest_dag_run
@@ -82,3 +84,35 @@ def test_optimize_dag_in_docker_promotes_from_a_model_uri(docker_home, mlflow_se
     assert sorted(v.tags["modelopt.target"] for v in versions) == ["onnx_fp32", "onnx_int8_dynamic"]
     champion = client.get_model_version_by_alias("digits-optimize-docker", "champion")
     assert champion.tags["modelopt.target"] in ("onnx_fp32", "onnx_int8_dynamic")
+
+
+def test_step_container_runs_without_privileges_on_a_read_only_root(mlflow_server, images):
+    """What the engine ran: a read-only root with a tmpfs on /tmp, no capabilities, no new
+    privileges, the images' non-root user. The step reaches MLflow and exits 2 (no such run), so
+    it ran far enough to import its stack and write its temp files on that root."""
+    import docker
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from airflow_modelopt.hooks.mlflow import TrackingConfig
+    from airflow_modelopt.operators import TorchToOnnxOperator
+    from airflow_modelopt.operators.launchers import DockerLauncher
+
+    op = TorchToOnnxOperator(task_id="hardened", model_uri="runs:/00000000000000000000000000000000/model/model.pt2",
+                             input_shapes={"x": [1, 1, 8, 8]},
+                             docker_kwargs={"auto_remove": "never", "network_mode": "host"})
+    tracking = TrackingConfig(mlflow_server.uri, {"MLFLOW_TRACKING_URI": mlflow_server.uri})
+    launcher = DockerLauncher(op.launch_request(op.build_spec(None, mode="docker"), tracking))
+    with pytest.raises(AirflowFailException, match="exit code 2"):
+        launcher.launch({})
+    container = docker.from_env().containers.get(launcher.docker_operator.container["Id"])
+    try:
+        host, cfg = container.attrs["HostConfig"], container.attrs["Config"]
+        assert host["ReadonlyRootfs"] is True
+        assert host["CapDrop"] == ["ALL"]
+        assert host["SecurityOpt"] == ["no-new-privileges:true"]
+        assert list(host["Tmpfs"]) == ["/tmp"]
+        assert not host["Privileged"]
+        assert cfg["User"] == "modelopt"
+        assert "HOME=/tmp" in cfg["Env"]
+    finally:
+        container.remove(force=True)

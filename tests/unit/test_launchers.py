@@ -36,6 +36,10 @@ def _spec(operator, mode):
     return spec
 
 
+def _request(operator, mode, tracking=TRACKING):
+    return operator.launch_request(_spec(operator, mode), tracking)
+
+
 def test_command_carries_the_validated_spec(operator):
     spec = _spec(operator, "docker")
     argv = command_for(spec)
@@ -47,10 +51,10 @@ def test_command_carries_the_validated_spec(operator):
 
 
 def test_docker_container_gets_credentials_privately(operator):
-    docker_op = DockerLauncher(operator).build_operator(_spec(operator, "docker"), TRACKING)
+    docker_op = DockerLauncher(_request(operator, "docker")).build_operator()
     assert docker_op.image == "airflow-modelopt-torch:0.1.0"
     assert docker_op.command[:3] == ["airflow-modelopt", "run", "torch_to_onnx"]
-    assert docker_op.environment == {"MLFLOW_TRACKING_URI": "http://mlflow.internal:5000"}
+    assert docker_op.environment == {"MLFLOW_TRACKING_URI": "http://mlflow.internal:5000", "HOME": "/tmp"}
     assert docker_op._private_environment == SECRET_ENV
     assert "private_environment" not in docker_op.template_fields
     assert docker_op.do_xcom_push and docker_op.xcom_all
@@ -61,7 +65,7 @@ def test_docker_mode_refuses_a_local_store(operator):
 
     local = TrackingConfig("sqlite:////tmp/mlflow.db", {"MLFLOW_TRACKING_URI": "sqlite:////tmp/mlflow.db"})
     with pytest.raises(AirflowFailException, match="docker mode needs an MLflow tracking server over HTTP"):
-        DockerLauncher(operator).launch(_spec(operator, "docker"), local, {})
+        DockerLauncher(_request(operator, "docker", local)).launch({})
 
 
 def test_kubernetes_pod_has_secret_env_resources_and_result_sidecar(operator, monkeypatch, tmp_path):
@@ -76,7 +80,7 @@ def test_kubernetes_pod_has_secret_env_resources_and_result_sidecar(operator, mo
     monkeypatch.setenv("AIRFLOW__MODELOPT__KUBERNETES_SERVICE_ACCOUNT", "modelopt-steps")
     operator.kubernetes_kwargs["container_resources"] = k8s.V1ResourceRequirements(
         requests={"cpu": "1", "memory": "2Gi"}, limits={"memory": "4Gi"})
-    pod_op = KubernetesLauncher(operator).build_operator(_spec(operator, "kubernetes"), TRACKING)
+    pod_op = KubernetesLauncher(_request(operator, "kubernetes")).build_operator()
     pod = pod_op.build_pod_request_obj()
     assert pod.metadata.namespace == "ml"
     assert pod.spec.service_account_name == "modelopt-steps"
@@ -101,14 +105,13 @@ def test_kubernetes_refuses_credentials_without_a_secret(operator, monkeypatch):
 
     monkeypatch.delenv("AIRFLOW__MODELOPT__KUBERNETES_MLFLOW_SECRET", raising=False)
     with pytest.raises(AirflowFailException, match="kubernetes_mlflow_secret"):
-        KubernetesLauncher(operator).build_operator(_spec(operator, "kubernetes"), TRACKING)
+        KubernetesLauncher(_request(operator, "kubernetes")).build_operator()
 
 
 def test_local_mode_runs_the_same_entry_point(operator):
-    launcher = LocalLauncher(operator)
-    assert launcher.python()
+    assert LocalLauncher(_request(operator, "local")).python()
     operator.python = "/opt/other/bin/python"
-    assert launcher.python() == "/opt/other/bin/python"
+    assert LocalLauncher(_request(operator, "local")).python() == "/opt/other/bin/python"
 
 
 def test_result_is_the_last_json_line():
@@ -163,11 +166,11 @@ def _failed_pod_launcher(operator, monkeypatch, tmp_path, exit_code):
     (tmp_path / "kubeconfig").write_text(UNREACHABLE_KUBECONFIG)
     operator.kubernetes_kwargs["config_file"] = str(tmp_path / "kubeconfig")
     monkeypatch.setenv("AIRFLOW__MODELOPT__KUBERNETES_MLFLOW_SECRET", "mlflow-credentials")
-    launcher = KubernetesLauncher(operator)
+    launcher = KubernetesLauncher(operator.launch_request(operator.build_spec(None, mode="kubernetes"), TRACKING))
     build = launcher.build_operator
 
-    def build_failing(spec, tracking):
-        pod_op = build(spec, tracking)
+    def build_failing(spec):
+        pod_op = build(spec)
 
         def execute(context):
             pod = pod_op.build_pod_request_obj()
@@ -192,11 +195,11 @@ def test_failed_pod_exit_code_decides_the_retry_simulated_pod(operator, monkeypa
     from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
     launcher = _failed_pod_launcher(operator, monkeypatch, tmp_path, exit_code)
-    spec = operator.build_spec(None, mode="kubernetes")
     with pytest.raises(AirflowException) as raised:
-        launcher.launch(spec, TRACKING, {})
+        launcher.launch({})
     assert isinstance(raised.value, AirflowFailException) is not retried
     message = str(raised.value)
-    assert f"step torch_to_onnx failed in pod of image {spec.context.image} (exit code {exit_code}: " in message
+    image = launcher.request.resolved_image()
+    assert f"step torch_to_onnx failed in pod of image {image} (exit code {exit_code}: " in message
     assert meaning in message
     assert "returned a failure" in message  # the provider's words are kept

@@ -125,3 +125,139 @@ def test_validate_and_benchmark_images_follow_the_model_formats(monkeypatch):
     assert family("benchmark", model_uri="models:/m-1", model_format="onnx") == "base"
     assert family("benchmark", model_uri="runs:/r/engine", model_format="tensorrt") == "tensorrt"
     assert config.image_for("validate", None, "tensorflow").startswith("airflow-modelopt-tensorflow:")
+
+
+# --- transient failures and the launch request -------------------------------------------------------
+
+class _FakeHook:
+    def tracking_config(self):
+        from airflow_modelopt.hooks.mlflow import TrackingConfig
+
+        return TrackingConfig("http://mlflow:5000", {"MLFLOW_TRACKING_URI": "http://mlflow:5000"})
+
+
+def _execute_with_step_exit(monkeypatch, operator, exit_code, try_number=1):
+    """Run ``execute`` with a launcher whose step exits ``exit_code``; return what it raised and
+    the request the launcher got."""
+    from types import SimpleNamespace
+
+    from airflow_modelopt.operators import launchers
+
+    got = {}
+
+    class ExitingLauncher(launchers.Launcher):
+        def launch(self, context):
+            got["request"] = self.request
+            raise launchers.failure(self.request.spec.step, "a test", exit_code, ["boom"])
+
+    monkeypatch.setitem(launchers.LAUNCHERS, "local", ExitingLauncher)
+    operator.__dict__["mlflow_hook"] = _FakeHook()
+    with pytest.raises(Exception) as raised:
+        operator.execute({"ti": SimpleNamespace(try_number=try_number, dag_id="d", run_id="r")})
+    return raised.value, got["request"]
+
+
+def _export(**kwargs):
+    return TorchToOnnxOperator(task_id="export", model_uri="/m.pt2", input_shapes={"x": [1, 4]},
+                               execution_mode="local", **kwargs)
+
+
+def test_without_retries_of_its_own_a_task_retries_only_an_unreachable_mlflow(monkeypatch):
+    monkeypatch.delenv("AIRFLOW__MODELOPT__TRANSIENT_FAILURE_RETRIES", raising=False)
+    op = _export()
+    assert (op.retries, op.own_retries, op.retry_exponential_backoff) == (3, 0, 2.0)
+    from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+    from airflow_modelopt.operators.launchers import TrackingUnavailableError
+
+    transient, _ = _execute_with_step_exit(monkeypatch, _export(), 4)
+    assert isinstance(transient, TrackingUnavailableError) and not isinstance(transient, AirflowFailException)
+    assert "MLflow tracking server unreachable" in str(transient)
+    # exit 1 keeps the task's own retries (none): failed for good, not retried 3 times
+    failed, _ = _execute_with_step_exit(monkeypatch, _export(), 1)
+    assert isinstance(failed, AirflowFailException)
+    assert "exit code 1" in str(failed) and "the task's retries are 0" in str(failed)
+    assert isinstance(failed, AirflowException)
+    for code in (2, 3, 5, 6):
+        never, _ = _execute_with_step_exit(monkeypatch, _export(), code)
+        assert isinstance(never, AirflowFailException), code
+
+
+def test_a_task_with_retries_keeps_them_for_every_retryable_failure(monkeypatch):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    op = _export(retries=2)
+    assert (op.retries, op.own_retries, op.retry_exponential_backoff) == (2, 2, 0)
+    err, _ = _execute_with_step_exit(monkeypatch, _export(retries=2), 1, try_number=2)
+    assert not isinstance(err, AirflowFailException)  # a retry is left
+    err, _ = _execute_with_step_exit(monkeypatch, _export(retries=2), 2, try_number=1)
+    assert isinstance(err, AirflowFailException)  # a bad spec never is
+
+
+def test_own_retries_spent_stops_before_the_transient_budget(monkeypatch):
+    """retries=1 by default_args; the transient budget (3) adds tries for exit 4 only."""
+    from airflow.sdk import DAG
+    from airflow.sdk.exceptions import AirflowFailException
+
+    monkeypatch.setenv("AIRFLOW__MODELOPT__TRANSIENT_FAILURE_RETRIES", "3")
+    with DAG("d", schedule=None, default_args={"retries": 1}):
+        op = _export()
+    assert (op.retries, op.own_retries) == (1, 1)  # default_args count as the task's own
+    with DAG("d2", schedule=None, default_args={"retry_exponential_backoff": 3.0}):
+        op = _export()
+    assert (op.retries, op.retry_exponential_backoff) == (3, 3.0)
+    err, _ = _execute_with_step_exit(monkeypatch, op, 1, try_number=1)
+    assert isinstance(err, AirflowFailException)
+
+
+def test_transient_retries_come_from_config(monkeypatch):
+    monkeypatch.setenv("AIRFLOW__MODELOPT__TRANSIENT_FAILURE_RETRIES", "0")
+    op = _export()
+    assert (op.retries, op.retry_exponential_backoff) == (0, 0)
+    monkeypatch.setenv("AIRFLOW__MODELOPT__TRANSIENT_FAILURE_RETRIES", "many")
+    with pytest.raises(ValueError, match=r"\[modelopt\] transient_failure_retries is 'many'"):
+        _export()
+
+
+def test_the_launcher_gets_a_frozen_request_not_the_operator(monkeypatch):
+    import dataclasses
+
+    op = _export(image="{{ params.image }}", python="/opt/py/bin/python", docker_kwargs={"mem_limit": "1g"})
+    op.image = "None"  # a param rendered empty means: from configuration
+    _, request = _execute_with_step_exit(monkeypatch, op, 4)
+    assert request.task_id == "export" and request.spec.step == "torch_to_onnx"
+    assert request.image is None and request.python == "/opt/py/bin/python"
+    assert request.docker_kwargs == {"mem_limit": "1g"}
+    assert request.tracking.public_env["MODELOPT_MLFLOW_CONNECT_RETRIES"] == config.get("mlflow_connect_retries")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        request.image = "other"  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        request.docker_kwargs["mem_limit"] = "2g"  # type: ignore[index]
+    op.docker_kwargs["mem_limit"] = "4g"
+    assert request.docker_kwargs == {"mem_limit": "1g"}  # a copy, not the operator's dict
+
+
+def test_on_kill_reaches_the_nested_provider_operator(monkeypatch):
+    from unittest import mock
+
+    from airflow_modelopt.hooks.mlflow import TrackingConfig
+    from airflow_modelopt.operators.launchers import DockerLauncher
+
+    op = _export()
+    launcher = DockerLauncher(op.launch_request(op.build_spec(None, mode="docker"), TrackingConfig("http://m", {})))
+    launcher.docker_operator = mock.Mock()
+    op._launcher = launcher
+    op.on_kill()
+    launcher.docker_operator.on_kill.assert_called_once_with()
+
+
+def test_trust_model_code_is_off_unless_the_task_or_the_deployment_opts_in(monkeypatch):
+    from airflow_modelopt.operators import TorchToOnnxOperator
+
+    op = TorchToOnnxOperator(task_id="export", model_uri="runs:/abc/model.pt2", input_shapes={"x": [1, 4]})
+    assert op.build_spec(None).context.trust_model_code is False
+    monkeypatch.setenv("AIRFLOW__MODELOPT__TRUST_MODEL_CODE", "True")
+    assert op.build_spec(None).context.trust_model_code is True
+    explicit = TorchToOnnxOperator(task_id="export2", model_uri="runs:/abc/model.pt2", input_shapes={"x": [1, 4]},
+                                   trust_model_code=False)
+    assert explicit.build_spec(None).context.trust_model_code is False

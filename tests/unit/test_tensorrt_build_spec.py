@@ -164,7 +164,7 @@ def test_the_pod_the_kubernetes_launcher_builds_carries_the_gpu_request(tmp_path
     spec = op.build_spec(None, mode="kubernetes")
     spec.context.image = "airflow-modelopt-tensorrt:0.1.0"
     tracking = TrackingConfig("http://mlflow:5000", {"MLFLOW_TRACKING_URI": "http://mlflow:5000"})
-    pod = KubernetesLauncher(op).build_operator(spec, tracking).build_pod_request_obj()
+    pod = KubernetesLauncher(op.launch_request(spec, tracking)).build_operator().build_pod_request_obj()
     step = pod.spec.containers[0]
     assert step.args[:2] == ["run", "tensorrt_build"]
     resources = step.resources if isinstance(step.resources, dict) else step.resources.to_dict()
