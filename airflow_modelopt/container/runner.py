@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from airflow_modelopt.container import tracking
+from airflow_modelopt.container import tracking, trust
 from airflow_modelopt.container.context import StepContext, StepOutput
 from airflow_modelopt.container.steps import STEP_MODULES
 from airflow_modelopt.specs import StepResult, StepSpec, parse_spec
@@ -129,7 +129,7 @@ def run_step(step: str, raw_spec: dict[str, Any] | str) -> StepResult:
         try:
             ctx.log_params(_flatten(spec.params()))
             client.log_dict(run_id, json.loads(spec.model_dump_json()), "modelopt/spec.json")
-            with mlflow.start_run(run_id=run_id):
+            with mlflow.start_run(run_id=run_id), trust.policy(spec.context.trust_model_code):
                 output: StepOutput = module.run(spec, ctx)
             result = StepResult(
                 step=step, mlflow_run_id=run_id, parent_run_id=parent, experiment_id=experiment_id,

@@ -48,6 +48,10 @@ class RunContext(_Strict):
     experiment_name: str = "airflow-modelopt"
     parent_run_id: str | None = Field(None, description="MLflow run of the DAG run")
     force: bool = Field(False, description="Run even if a finished run with the same cache key exists")
+    trust_model_code: bool = Field(
+        False, description="Let loaders unpickle objects that run code from model files (trusted sources only; "
+        "operator argument trust_model_code or [modelopt] trust_model_code)"
+    )
 
 
 class StepSpec(_Strict):

@@ -164,7 +164,9 @@ def load(path: Path | str, format: str | None = None, *, threads: int = 1, devic
     try:
         module = importlib.import_module(f"airflow_modelopt.container.runtimes.{module_name}")
         cls = getattr(module, class_name)
-        runtime = cls(target, fmt=fmt, threads=threads, signature=sig, device=device, origin=origin)
+        # torch's loaders may refuse a file's code (container/trust.py) and name the spec field
+        named = {"field": field} if module_name == "torch_backend" else {}
+        runtime = cls(target, fmt=fmt, threads=threads, signature=sig, device=device, origin=origin, **named)
     except ModelOptError:
         raise
     except ImportError as exc:

@@ -13,8 +13,87 @@ from typing import Any
 
 import numpy as np
 
+from airflow_modelopt.container import trust
 from airflow_modelopt.container.runtimes.base import Runtime
 from airflow_modelopt.container.signature import ModelSignature, TensorSpec
+from airflow_modelopt.exceptions import InputError
+
+# -- loading without running the file's code --------------------------------------------------
+
+
+def load_exported_program(path: Path, *, field: str = "model_uri", origin: str | None = None) -> Any:
+    """``torch.export.load`` of a .pt2 archive. Unless the step trusts model code
+    (``container/trust.py``), every pickle inside is read with torch's weights-only unpickler (plain
+    tensors) and any other pickled object is refused before it is unpickled, naming the file and
+    the opt-in."""
+    import torch
+
+    if trust.model_code_allowed():
+        return torch.export.load(str(path))
+    with _weights_only_unpickling(Path(path), field, origin):
+        return torch.export.load(str(path))
+
+
+def load_pickled_mlflow_model(path: Path, *, field: str = "model_uri", origin: str | None = None) -> Any:
+    """An MLflow pytorch model saved with pickle (not the pt2 export, which loads through
+    ``load_exported_program``): unpickling it runs its code, so only with the opt-in."""
+    if not trust.model_code_allowed():
+        raise InputError(
+            f"{field}: {origin or path} is an MLflow pytorch model saved with pickle; loading it would run code "
+            f"from the file. Log it with MLflow's pt2 export (mlflow.pytorch.log_model(..., export_model=True)) or a "
+            f".pt2 file, or set {trust.OPT_IN}"
+        )
+    import mlflow.pytorch
+
+    return mlflow.pytorch.load_model(str(path), map_location="cpu")
+
+
+class _RefusedPickle(Exception):
+    pass
+
+
+def _weights_only_unpickling(path: Path, field: str, origin: str | None) -> Any:
+    """Patch the three unpicklers torch.export's archive reader calls (torch 2.13:
+    ``torch.load(weights_only=False)`` for weights and constants, ``pickle.loads`` and
+    ``torch._C._pickle_load_obj`` for other constants) for the duration of one load."""
+    import contextlib
+    import pickle
+    import re
+    import types
+    from unittest import mock
+
+    import torch
+    from torch.export.pt2_archive import _package
+
+    where = origin or str(path)
+
+    def refuse(what: str) -> InputError:
+        return InputError(
+            f"{field}: {where} holds {what}, which would run code from the file when loaded; refused. "
+            f"Re-export the model with plain tensor weights, or set {trust.OPT_IN}"
+        )
+
+    real_load = torch.load
+
+    def tensors_only(f: Any, *args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        try:
+            return real_load(f, *args, **kwargs)
+        except pickle.UnpicklingError as exc:
+            named = re.search(r"Unsupported (?:global|operand)[^\n.]*", str(exc))
+            raise refuse("a pickled object that is not a plain tensor" + (f" ({named.group(0)})" if named else "")) from None
+
+    def no_pickle(*_args: Any, **_kwargs: Any) -> Any:
+        raise refuse("a pickled Python constant")
+
+    def no_script_object(*_args: Any, **_kwargs: Any) -> Any:
+        raise refuse("a pickled TorchScript object")
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(mock.patch.object(torch, "load", tensors_only))
+    stack.enter_context(mock.patch.object(_package, "pickle", types.SimpleNamespace(loads=no_pickle, load=no_pickle)))
+    stack.enter_context(mock.patch.object(torch._C, "_pickle_load_obj", no_script_object))
+    return stack
 
 
 def _np_dtype(torch_dtype: Any) -> str:
@@ -34,10 +113,11 @@ def _output_names(n: int) -> list[str]:
 
 class TorchRuntime(Runtime):
     def __init__(self, path: Path, *, fmt: str, threads: int, signature: ModelSignature | None, device: str = "cpu",
-                 origin: str | None = None) -> None:
+                 origin: str | None = None, field: str = "model") -> None:
         import torch
 
         super().__init__(path, threads=threads, signature=signature, origin=origin)
+        self.field = field
         self.format = fmt
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
@@ -52,14 +132,12 @@ class TorchRuntime(Runtime):
                 self.format = "torchscript"
                 native_in, native_out = self._script_specs()
             else:
-                program = torch.export.load(str(path))
+                program = load_exported_program(path, field=self.field, origin=self.origin)
                 self.module = program.module()
                 self.format = "pt2"
                 native_in, native_out = self._program_specs(program)
         else:  # an MLflow pytorch folder with a pickled module
-            import mlflow.pytorch
-
-            self.module = mlflow.pytorch.load_model(str(path), map_location="cpu")
+            self.module = load_pickled_mlflow_model(path, field=self.field, origin=self.origin)
             native_in, native_out = self._mlflow_specs(path)
         if hasattr(self.module, "eval"):
             try:
