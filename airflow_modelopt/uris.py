@@ -7,6 +7,7 @@ Steps never share a local disk: inputs and outputs are MLflow URIs (``runs:/``, 
 from __future__ import annotations
 
 import re
+from urllib.parse import unquote
 
 #: Schemes a step can read from, in the order the error message lists them.
 SUPPORTED_SCHEMES = ("runs", "models", "mlflow-artifacts", "file")
@@ -38,7 +39,27 @@ def check_artifact_uri(uri: str) -> str:
             f"{uri!r} is not a models URI; expected models:/<name>/<version>, models:/<name>@<alias> "
             "or models:/<model_id>"
         )
+    if scheme in ("runs", "models", "mlflow-artifacts"):
+        path = unquote(uri.split(":", 1)[1].split("?", 1)[0].split("#", 1)[0]).replace("\\", "/")
+        if any(part in (".", "..") for part in path.split("/")):
+            raise ValueError(
+                f"{uri!r} has a '.' or '..' path segment; an artifact URI must name a path inside its run or model"
+            )
     return uri
+
+
+def check_experiment_name(name: str) -> str:
+    """Return ``name`` if it is a usable MLflow experiment name, else raise ``ValueError``. Artifact
+    folders are named after experiments, so no path segment may be '.' or '..'."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError("must be a non-empty experiment name")
+    if len(name) > 500:
+        raise ValueError(f"is {len(name)} characters long; at most 500")
+    if any(part.strip() in (".", "..") for part in name.replace("\\", "/").split("/")):
+        raise ValueError(f"{name!r} has a '.' or '..' path segment; experiment names become artifact folders")
+    if any(ord(c) < 32 for c in name):
+        raise ValueError(f"{name!r} holds control characters")
+    return name
 
 
 def is_remote(uri: str) -> bool:

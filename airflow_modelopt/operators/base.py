@@ -21,6 +21,7 @@ from airflow_modelopt.exceptions import SpecError
 from airflow_modelopt.hooks.mlflow import MlflowHook, TrackingConfig
 from airflow_modelopt.operators.launchers import LAUNCHERS, Launcher, LaunchRequest, TrackingUnavailableError
 from airflow_modelopt.specs import RunContext, StepResult, StepSpec, format_validation_error
+from airflow_modelopt.uris import check_experiment_name
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -154,6 +155,11 @@ class ModelOptOperator(BaseOperator):
                 config.resolve_execution_mode(self.execution_mode)
             except SpecError as exc:
                 raise ValueError(prefix + str(exc)) from None
+        if self.experiment_name and not _is_templated(self.experiment_name):
+            try:
+                check_experiment_name(self.experiment_name)
+            except ValueError as exc:
+                raise ValueError(f"{prefix}experiment_name: {exc}") from None
         values = self._spec_values()
         templated = {k for k, v in values.items() if _is_templated(v)}
         if not templated and not self._runtime_filled():
@@ -186,8 +192,8 @@ class ModelOptOperator(BaseOperator):
     def build_spec(self, context: Context | None = None, *, mode: str = "local") -> StepSpec:
         """The validated spec from rendered fields, with the run context filled in."""
         values = {k: _coerce_rendered(v) for k, v in self._spec_values().items()}
-        ctx = self._run_context(context, mode)
         try:
+            ctx = self._run_context(context, mode)
             return self.spec_class.model_validate(
                 {**values, "step": self.spec_class.step_name(), "context": ctx.model_dump()}
             )

@@ -15,7 +15,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from airflow_modelopt.exceptions import SpecError
-from airflow_modelopt.uris import check_artifact_uri
+from airflow_modelopt.uris import check_artifact_uri, check_experiment_name
 
 SPEC_VERSION = 1
 
@@ -45,7 +45,7 @@ class RunContext(_Strict):
     execution_mode: ExecutionMode = "local"
     image: str | None = Field(None, description="Image the step runs in (docker and kubernetes modes)")
     image_digest: str | None = Field(None, description="Content digest of that image")
-    experiment_name: str = "airflow-modelopt"
+    experiment_name: Annotated[str, AfterValidator(check_experiment_name)] = "airflow-modelopt"
     parent_run_id: str | None = Field(None, description="MLflow run of the DAG run")
     force: bool = Field(False, description="Run even if a finished run with the same cache key exists")
     trust_model_code: bool = Field(

@@ -89,3 +89,20 @@ def test_result_line_is_compact_json():
 def test_unknown_field_hints_at_a_version_skew():
     with pytest.raises(SpecError, match=r"(?s)colour: unknown field.*rebuild or update the step images"):
         parse_spec("torch_to_onnx", {"model_uri": "/m.pt2", "data_uri": "/d.npz", "colour": "blue"})
+
+
+@pytest.mark.parametrize("uri", ["runs:/abc/../../../../etc/passwd", "runs:/abc/%2E%2E/%2e%2e/etc/passwd",
+                                 "mlflow-artifacts:/1/run/artifacts/../../other", "models:/m/../../x"])
+def test_artifact_uris_that_leave_their_run_or_model_are_refused(uri):
+    with pytest.raises(SpecError, match=r"has a '\.' or '\.\.' path segment; an artifact URI must name a path inside"):
+        parse_spec("benchmark", {"model_uri": uri})
+
+
+@pytest.mark.parametrize("name", ["..", ".", "team/../../tmp", "a/./b"])
+def test_experiment_names_that_would_escape_the_artifact_root_are_refused(name):
+    with pytest.raises(SpecError, match=r"context\.experiment_name: .* has a '\.' or '\.\.' path segment"):
+        parse_spec("benchmark", {"model_uri": "m.onnx", "context": {"experiment_name": name}})
+    from airflow_modelopt.operators import BenchmarkOperator
+
+    with pytest.raises(ValueError, match=r"experiment_name: .* path segment"):
+        BenchmarkOperator(task_id="b", model_uri="m.onnx", experiment_name=name)

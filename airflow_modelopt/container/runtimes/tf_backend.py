@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from airflow_modelopt.container import trust
 from airflow_modelopt.container.runtimes.base import Runtime
 from airflow_modelopt.container.signature import ModelSignature, TensorSpec
 
@@ -105,7 +106,9 @@ class KerasRuntime(Runtime):
         for name in order:
             try:
                 module = __import__(name)
-                self.model = module.models.load_model(str(path), compile=False)
+                # safe_mode refuses Lambda layers' pickled bytecode unless the step trusts model code
+                self.model = module.models.load_model(str(path), compile=False,
+                                                      safe_mode=not trust.model_code_allowed())
                 self.runtime_name = f"{name} {module.__version__} (tensorflow {tf.__version__})"
                 break
             except ImportError as exc:
