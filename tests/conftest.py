@@ -80,7 +80,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> MlflowServer:
         stdout=log, stderr=subprocess.STDOUT, cwd=root,
     )
     try:
-        wait_http(f"{uri}/health", timeout=120, proc=proc)
+        wait_http(f"{uri}/health", timeout=300, proc=proc)  # generous: a loaded 2-core machine starts it slowly
     except Exception:
         proc.kill()
         raise RuntimeError((root / "server.log").read_text()[-3000:]) from None
