@@ -78,6 +78,9 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> MlflowServer:
          "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
          "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts", "--workers", "2"],
         stdout=log, stderr=subprocess.STDOUT, cwd=root,
+        # uvicorn restarts a worker that misses a 5 s health check; on a loaded 2-core machine a
+        # worker still importing MLflow misses it again and again
+        env={**os.environ, "UVICORN_TIMEOUT_WORKER_HEALTHCHECK": "120"},
     )
     try:
         wait_http(f"{uri}/health", timeout=300, proc=proc)  # generous: a loaded 2-core machine starts it slowly

@@ -30,6 +30,9 @@ from tests.helm.conftest import (
     Manifests,
 )
 
+AUTH_SECRET = f"{MLFLOW}-auth"
+STEP_CREDENTIALS = f"{MLFLOW}-credentials"
+
 pytestmark = pytest.mark.helm
 
 SCHEMA = json.loads((CHART / "values.schema.json").read_text())
@@ -92,8 +95,14 @@ def test_chart_is_released_with_the_provider(default_manifests: Manifests) -> No
     (["--set-string", "provider.mlflowConnectRetries=five"], r"provider[./]mlflowConnectRetries", "integer"),
     (["--set", "stepImages.overrides.torch_to_onx=my/torch:1"], r"torch_to_onx", "torch_to_onnx"),
     (["--set", "provider.mlflowConnId=mlflow-prod"], r"provider[./]mlflowConnId", "pattern"),
+    (["--set", "mlflow.auth.mode=oauth"], r"mlflow[./]auth[./]mode", "basic-auth"),
+    (["--set-string", "mlflow.auth.admin.password=short"], r"mlflow[./]auth[./]admin[./]password", "pattern"),
+    (["--set", "mlflow.auth.defaultPermission=WRITE"], r"mlflow[./]auth[./]defaultPermission", "READ"),
+    (["--set", "networkPolicy.airflowPeers[0].podselector.tier=airflow"], r"networkPolicy[./]airflowPeers[./]0", "podselector"),
+    (["--set-string", "networkPolicy.enabled=yes"], r"networkPolicy[./]enabled", "boolean"),
 ], ids=["bad-execution-mode", "unknown-top-level-key", "string-for-int", "string-for-retries",
-        "override-of-unknown-step", "conn-id-not-an-env-name"])
+        "override-of-unknown-step", "conn-id-not-an-env-name", "unknown-auth-mode", "admin-password-too-short",
+        "unknown-permission", "misspelt-peer-selector", "string-for-networkpolicy-switch"])
 def test_schema_refuses_bad_values_naming_the_field(helm: Helm, args: list[str], field: str, says: str) -> None:
     error = helm.refuse(*args)
     assert "schema" in error, error
@@ -105,7 +114,14 @@ def test_schema_refuses_bad_values_naming_the_field(helm: Helm, args: list[str],
     (["--set", "postgresql.enabled=false"], "externalDatabase.existingSecret"),
     (["--set", "mlflow.enabled=false"], "connection.trackingUri"),
     (["--set", "mlflow.replicas=2"], "ReadWriteMany"),
-], ids=["external-db-without-secret", "no-mlflow-without-uri", "replicas-on-rwo-claim"])
+    (["--set", "mlflow.auth.mode=none", "--set", "networkPolicy.enabled=false"], "networkPolicy"),
+    (["--set", "mlflow.auth.mode=proxy", "--set", "connection.trackingUri=https://mlflow.example.com"],
+     "networkPolicy.proxyPeers"),
+    (["--set", "mlflow.auth.mode=proxy", "--set", "networkPolicy.enabled=false"], "connection.trackingUri"),
+    (["--set", "mlflow.auth.existingSecret=mlflow-admin"], "mlflow.auth.existingSecret"),
+], ids=["external-db-without-secret", "no-mlflow-without-uri", "replicas-on-rwo-claim",
+        "no-auth-and-no-network-policy", "proxy-without-its-peers", "proxy-without-its-url",
+        "admin-secret-not-readable"])
 def test_incomplete_values_fail_with_what_to_set(helm: Helm, args: list[str], says: str) -> None:
     assert says in helm.refuse(*args)
 
@@ -159,6 +175,19 @@ def test_every_rendered_option_is_a_provider_option(manifests_fixture: str, requ
         assert key.removeprefix("AIRFLOW__MODELOPT__").lower() in config.OPTIONS, f"{key} is no [modelopt] option"
 
 
+def _step_pod(tmp_path: Path, tracking: Any) -> Any:
+    """The pod the provider's Kubernetes launcher builds for a step under the current config."""
+    from airflow_modelopt.operators import TorchToOnnxOperator
+    from airflow_modelopt.operators.launchers import KubernetesLauncher
+
+    (tmp_path / "kubeconfig").write_text(UNREACHABLE_KUBECONFIG)
+    operator = TorchToOnnxOperator(task_id="export", model_uri="runs:/r1/model/model.pt2", data_uri="runs:/r1/data/eval.npz",
+                                   kubernetes_kwargs={"config_file": str(tmp_path / "kubeconfig"), "in_cluster": False})
+    request = operator.launch_request(operator.build_spec(None, mode="kubernetes"), tracking)
+    spec = request.spec_for_image(request.resolved_image())
+    return KubernetesLauncher(request).build_operator(spec).build_pod_request_obj()
+
+
 def _load_into_env(monkeypatch: pytest.MonkeyPatch, manifests: Manifests) -> None:
     for key in [k for k in os.environ if k.startswith("AIRFLOW__MODELOPT__")]:
         monkeypatch.delenv(key)
@@ -177,10 +206,15 @@ def test_default_config_round_trips_into_the_provider(monkeypatch: pytest.Monkey
     assert config.image_for("onnx_quantize") == f"airflow-modelopt-base:{__version__}"
     k8s = config.KubernetesSettings.from_config()
     assert k8s == config.KubernetesSettings(namespace=NAMESPACE, service_account=f"{RELEASE}-steps",
-                                            mlflow_secret=None, in_cluster=True, conn_id="kubernetes_default")
-    # the connection Airflow reads from the environment points at the chart's MLflow Service
+                                            mlflow_secret=STEP_CREDENTIALS, in_cluster=True, conn_id="kubernetes_default")
+    # the connection Airflow reads from the environment points at the chart's MLflow Service and
+    # carries the admin account MLflow's basic-auth app is started with
     tracking = MlflowHook().tracking_config(fallback_to_local=False)
-    assert tracking.tracking_uri == IN_CLUSTER_URI and tracking.is_remote and not tracking.secret_env
+    assert tracking.tracking_uri == IN_CLUSTER_URI and tracking.is_remote
+    admin = default_manifests.secret_data(AUTH_SECRET)
+    assert tracking.secret_env == {"MLFLOW_TRACKING_USERNAME": admin["username"], "MLFLOW_TRACKING_PASSWORD": admin["password"]}
+    # ... and so does the Secret the step pods take their environment from
+    assert default_manifests.secret_data(STEP_CREDENTIALS) == tracking.secret_env
     service = default_manifests.one("Service", MLFLOW)
     assert tracking.tracking_uri.endswith(f":{service['spec']['ports'][0]['port']}")
 
@@ -189,8 +223,6 @@ def test_external_config_shapes_the_step_pod(monkeypatch: pytest.MonkeyPatch, tm
                                              external_manifests: Manifests, external_values: dict[str, Any]) -> None:
     """The provider builds its pod from the rendered config: namespace, ServiceAccount, image, Secret."""
     from airflow_modelopt.hooks.mlflow import MlflowHook
-    from airflow_modelopt.operators import TorchToOnnxOperator
-    from airflow_modelopt.operators.launchers import KubernetesLauncher
 
     _load_into_env(monkeypatch, external_manifests)
     step_ns = external_values["provider"]["stepNamespace"]
@@ -199,13 +231,8 @@ def test_external_config_shapes_the_step_pod(monkeypatch: pytest.MonkeyPatch, tm
     assert config.image_for("tensorrt_build") == overrides["tensorrt_build"]
     assert config.KubernetesSettings.from_config().in_cluster is True
 
-    (tmp_path / "kubeconfig").write_text(UNREACHABLE_KUBECONFIG)
-    operator = TorchToOnnxOperator(task_id="export", model_uri="runs:/r1/model/model.pt2", data_uri="runs:/r1/data/eval.npz",
-                                   kubernetes_kwargs={"config_file": str(tmp_path / "kubeconfig"), "in_cluster": False})
-    spec = operator.build_spec(None, mode="kubernetes")
-    spec.context.image = config.image_for(spec.step, None, spec.resolved_image_family())
     tracking = MlflowHook().tracking_config(fallback_to_local=False)
-    pod = KubernetesLauncher(operator).build_operator(spec, tracking).build_pod_request_obj()
+    pod = _step_pod(tmp_path, tracking)
 
     sa = external_manifests.one("ServiceAccount")
     assert pod.metadata.namespace == step_ns == sa["metadata"]["namespace"]
@@ -213,7 +240,11 @@ def test_external_config_shapes_the_step_pod(monkeypatch: pytest.MonkeyPatch, tm
     assert [s["name"] for s in sa["imagePullSecrets"]] == external_values["stepImages"]["pullSecrets"]
     base = pod.spec.containers[0]
     assert base.image == f"registry.example.com/ml/airflow-modelopt-torch:{__version__}"
-    assert [s.secret_ref.name for s in base.env_from] == [external_values["connection"]["credentialsSecret"]]
+    # the step pods' MLflow credentials: the chart's Secret, in the step namespace
+    assert [s.secret_ref.name for s in base.env_from] == [STEP_CREDENTIALS]
+    step_secret = external_manifests.one("Secret", STEP_CREDENTIALS)
+    assert step_secret["metadata"]["namespace"] == step_ns
+    assert external_manifests.secret_data(STEP_CREDENTIALS) == tracking.secret_env != {}
     assert {e.name: e.value for e in base.env}["MLFLOW_TRACKING_URI"] == IN_CLUSTER_URI
     role = external_manifests.one("Role")
     assert role["metadata"]["namespace"] == step_ns  # Airflow may launch pods where the config sends them
@@ -307,7 +338,7 @@ def test_external_database_mode_uses_the_named_secret(external_manifests: Manife
     assert not [s for s in external_manifests.all("Secret") if "postgresql" in s["metadata"]["name"]]
     assert not [s for s in external_manifests.all("Service") if "postgresql" in s["metadata"]["name"]]
     pod = external_manifests.one("Deployment", MLFLOW)["spec"]["template"]["spec"]
-    assert not pod.get("initContainers")  # nothing waits for a bundled database
+    assert [c["name"] for c in pod["initContainers"]] == ["auth-config"]  # nothing waits for a bundled database
     mlflow = external_manifests.container("Deployment", MLFLOW, "mlflow")
     store = {e["name"]: e for e in mlflow["env"]}["MLFLOW_BACKEND_STORE_URI"]
     db = external_values["externalDatabase"]
@@ -315,9 +346,13 @@ def test_external_database_mode_uses_the_named_secret(external_manifests: Manife
     # artifacts go to the object store: no claim, no volume, several replicas allowed
     assert _arg(mlflow["args"], "--artifacts-destination") == external_values["mlflow"]["artifacts"]["destination"]
     assert not external_manifests.all("PersistentVolumeClaim")
-    assert [v["name"] for v in pod["volumes"]] == ["tmp"]
+    assert [v["name"] for v in pod["volumes"]] == ["tmp", "auth-config"]  # no artifacts claim
     assert external_manifests.one("Deployment", MLFLOW)["spec"]["replicas"] == 2
     assert {"secretRef": {"name": "mlflow-s3-credentials"}} in mlflow["envFrom"]
+    # users and permissions live in the database named for them, not in the backend store
+    auth_db = {e["name"]: e for e in pod["initContainers"][0]["env"]}["MLFLOW_AUTH_DATABASE_URI"]
+    named = external_values["mlflow"]["auth"]["database"]
+    assert auth_db["valueFrom"]["secretKeyRef"] == {"name": named["existingSecret"], "key": named["uriKey"]}
 
 
 def test_mlflow_accepts_the_host_names_clients_use(default_manifests: Manifests, external_manifests: Manifests) -> None:
@@ -344,3 +379,186 @@ def test_install_notes_print_the_url_and_the_wiring(helm: Helm) -> None:
     assert f"port-forward svc/{MLFLOW}" in notes
     assert "extraEnvFrom:" in notes and f"name: {RELEASE}-config" in notes and f"name: {RELEASE}-connection" in notes
     assert f'"airflow-modelopt[airflow]=={__version__}"' in notes
+
+
+# --- MLflow authentication ------------------------------------------------------------------
+
+def _env(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e for e in container["env"]}
+
+
+def test_mlflow_runs_basic_auth_with_one_admin_everywhere(default_manifests: Manifests) -> None:
+    """The server, Airflow's connection and the step pods' Secret name the same account, and the
+    auth app gets its config file, admin and Flask key from Secrets, none on the command line."""
+    from airflow.models.connection import Connection
+
+    pod = default_manifests.one("Deployment", MLFLOW)["spec"]["template"]["spec"]
+    mlflow = default_manifests.container("Deployment", MLFLOW, "mlflow")
+    assert _arg(mlflow["args"], "--app-name") == "basic-auth"
+    env = _env(mlflow)
+    assert env["MLFLOW_AUTH_ADMIN_USERNAME"]["valueFrom"]["secretKeyRef"] == {"name": AUTH_SECRET, "key": "username"}
+    assert env["MLFLOW_AUTH_ADMIN_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": AUTH_SECRET, "key": "password"}
+    assert env["MLFLOW_FLASK_SERVER_SECRET_KEY"]["valueFrom"]["secretKeyRef"] == {"name": AUTH_SECRET, "key": "flask-secret-key"}
+    # the init container writes the ini where the server reads it, into a memory-backed volume
+    init = next(c for c in pod["initContainers"] if c["name"] == "auth-config")
+    ini = env["MLFLOW_AUTH_CONFIG_PATH"]["value"]
+    assert _env(init)["MLFLOW_AUTH_CONFIG_PATH"]["value"] == ini
+    mounts = {m["name"]: m for m in mlflow["volumeMounts"]}
+    assert os.path.dirname(ini) == mounts["auth-config"]["mountPath"] and mounts["auth-config"]["readOnly"] is True
+    assert {m["name"]: m["mountPath"] for m in init["volumeMounts"]}["auth-config"] == os.path.dirname(ini)
+    assert {v["name"]: v for v in pod["volumes"]}["auth-config"]["emptyDir"]["medium"] == "Memory"
+    assert _env(init)["MLFLOW_AUTH_DATABASE_URI"]["valueFrom"]["secretKeyRef"] == {"name": POSTGRESQL, "key": "backend-store-uri"}
+
+    auth = default_manifests.secret_data(AUTH_SECRET)
+    assert auth["username"] == "admin" and len(auth["password"]) >= 24 and len(auth["flask-secret-key"]) >= 32
+    assert default_manifests.one("Secret", AUTH_SECRET)["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    # Airflow parses the variable as a URI
+    conn = Connection(conn_id="mlflow_default", uri=default_manifests.secret_data(f"{RELEASE}-connection")["AIRFLOW_CONN_MLFLOW_DEFAULT"])
+    assert (conn.login, conn.password) == (auth["username"], auth["password"])
+    step = default_manifests.secret_data(STEP_CREDENTIALS)
+    assert step == {"MLFLOW_TRACKING_USERNAME": auth["username"], "MLFLOW_TRACKING_PASSWORD": auth["password"]}
+    assert auth["password"] not in json.dumps(mlflow) + json.dumps(init)
+
+
+def test_a_given_admin_password_survives_the_connection_uri(monkeypatch: pytest.MonkeyPatch, helm: Helm) -> None:
+    password = "s3cr/t:p@ss%x+y#z"  # URL-special characters must come back out of AIRFLOW_CONN_*
+    manifests = helm.render("--set-string", f"mlflow.auth.admin.password={password}",
+                            "--set", "mlflow.auth.admin.username=ml-platform")
+    from airflow_modelopt.hooks.mlflow import MlflowHook
+
+    _load_into_env(monkeypatch, manifests)
+    tracking = MlflowHook().tracking_config(fallback_to_local=False)
+    assert tracking.tracking_uri == IN_CLUSTER_URI
+    assert tracking.secret_env == {"MLFLOW_TRACKING_USERNAME": "ml-platform", "MLFLOW_TRACKING_PASSWORD": password}
+    assert manifests.secret_data(AUTH_SECRET)["password"] == password
+    assert manifests.secret_data(STEP_CREDENTIALS)["MLFLOW_TRACKING_PASSWORD"] == password
+
+
+def test_existing_admin_secret_is_used_by_the_server(helm: Helm) -> None:
+    manifests = helm.render("--set", "mlflow.auth.existingSecret=mlflow-admin", "--set", "connection.create=false",
+                            "--set", "connection.credentialsSecret=my-step-credentials")
+    env = _env(manifests.container("Deployment", MLFLOW, "mlflow"))
+    assert env["MLFLOW_AUTH_ADMIN_USERNAME"]["valueFrom"]["secretKeyRef"] == {"name": "mlflow-admin", "key": "username"}
+    assert env["MLFLOW_AUTH_ADMIN_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "mlflow-admin", "key": "password"}
+    assert manifests.secret_data(AUTH_SECRET).keys() == {"flask-secret-key"}  # no second admin password
+    assert not [s for s in manifests.all("Secret") if s["metadata"]["name"] in (STEP_CREDENTIALS, f"{RELEASE}-connection")]
+    assert manifests.config()["AIRFLOW__MODELOPT__KUBERNETES_MLFLOW_SECRET"] == "my-step-credentials"
+
+
+def test_auth_mode_none_runs_the_plain_server(helm: Helm) -> None:
+    manifests = helm.render("--set", "mlflow.auth.mode=none")
+    mlflow = manifests.container("Deployment", MLFLOW, "mlflow")
+    assert "--app-name" not in mlflow["args"] and not any(k.startswith("MLFLOW_AUTH") for k in _env(mlflow))
+    assert not [s for s in manifests.all("Secret") if s["metadata"]["name"] in (AUTH_SECRET, STEP_CREDENTIALS)]
+    assert manifests.secret_data(f"{RELEASE}-connection") == {"AIRFLOW_CONN_MLFLOW_DEFAULT": IN_CLUSTER_URI}
+    assert manifests.config()["AIRFLOW__MODELOPT__KUBERNETES_MLFLOW_SECRET"] == ""
+    assert manifests.one("NetworkPolicy", MLFLOW)  # the fence it is allowed only with
+
+
+# --- NetworkPolicy --------------------------------------------------------------------------
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Kubernetes label selector semantics (an empty selector selects everything)."""
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for expr in selector.get("matchExpressions") or []:
+        key, op, values = expr["key"], expr["operator"], expr.get("values") or []
+        if (op == "In" and labels.get(key) not in values) or (op == "NotIn" and labels.get(key) in values) \
+                or (op == "Exists" and key not in labels) or (op == "DoesNotExist" and key in labels):
+            return False
+    return True
+
+
+def _admits(policy: dict[str, Any], labels: dict[str, str], namespace: str, port: int) -> bool:
+    """Whether a NetworkPolicy lets a pod with these labels, in this namespace, reach `port`."""
+    for rule in policy["spec"].get("ingress") or []:
+        if rule.get("ports") and port not in [p["port"] for p in rule["ports"]]:
+            continue
+        if "from" not in rule:
+            return True
+        for peer in rule["from"]:
+            if "ipBlock" in peer:
+                continue
+            ns_selector = peer.get("namespaceSelector")
+            in_namespace = (namespace == policy["metadata"]["namespace"] if ns_selector is None
+                            else _selects(ns_selector, {"kubernetes.io/metadata.name": namespace}))
+            if in_namespace and _selects(peer.get("podSelector") or {}, labels):
+                return True
+    return False
+
+
+def _pod_labels(manifests: Manifests, kind: str, name: str) -> dict[str, str]:
+    return manifests.one(kind, name)["spec"]["template"]["metadata"]["labels"]
+
+
+def _airflow_pod(component: str, release: str = "airflow") -> dict[str, str]:
+    """Labels Airflow's official chart puts on its pods."""
+    return {"tier": "airflow", "component": component, "release": release}
+
+
+@pytest.mark.parametrize("manifests_fixture", ["default_manifests", "external_manifests"])
+def test_mlflow_admits_only_airflow_and_step_pods(manifests_fixture: str, request: pytest.FixtureRequest,
+                                                  monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from airflow_modelopt.hooks.mlflow import MlflowHook
+
+    manifests: Manifests = request.getfixturevalue(manifests_fixture)
+    policy = manifests.one("NetworkPolicy", MLFLOW)
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    mlflow_pod = _pod_labels(manifests, "Deployment", MLFLOW)
+    assert _selects(policy["spec"]["podSelector"], mlflow_pod)
+    port = manifests.container("Deployment", MLFLOW, "mlflow")["ports"][0]["containerPort"]
+
+    for component in ("scheduler", "worker", "triggerer", "api-server", "dag-processor"):
+        assert _admits(policy, _airflow_pod(component), NAMESPACE, port), component
+    # a real step pod, as the provider's Kubernetes launcher builds it from the rendered config
+    _load_into_env(monkeypatch, manifests)
+    step = _step_pod(tmp_path, MlflowHook().tracking_config(fallback_to_local=False))
+    assert _admits(policy, step.metadata.labels, step.metadata.namespace, port)
+
+    refused = [
+        ({"app": "curl"}, NAMESPACE),  # anything else in the namespace
+        (_airflow_pod("redis"), NAMESPACE), (_airflow_pod("statsd"), NAMESPACE),  # Airflow's helpers
+        (_airflow_pod("worker", release="other"), NAMESPACE),  # another Airflow
+        (_airflow_pod("worker"), "elsewhere"),  # the same labels in another namespace
+        (step.metadata.labels, "elsewhere"),  # a pod dressed as a step outside the step namespace
+        ({k: v for k, v in step.metadata.labels.items() if k != "airflow-modelopt/step"}, step.metadata.namespace),
+    ]
+    for labels, namespace in refused:
+        assert not _admits(policy, labels, namespace, port), (labels, namespace)
+    assert not _admits(policy, _airflow_pod("worker"), NAMESPACE, port + 1)  # only the server's port
+
+
+def test_extra_ingress_is_added(external_manifests: Manifests, external_values: dict[str, Any]) -> None:
+    policy = external_manifests.one("NetworkPolicy", MLFLOW)
+    assert policy["spec"]["ingress"][1:] == external_values["networkPolicy"]["extraIngress"]
+    assert _admits(policy, {"app": "ingress-nginx"}, "ingress-nginx", 5000)
+
+
+def test_postgresql_admits_only_mlflow(default_manifests: Manifests) -> None:
+    policy = default_manifests.one("NetworkPolicy", POSTGRESQL)
+    assert _selects(policy["spec"]["podSelector"], _pod_labels(default_manifests, "StatefulSet", POSTGRESQL))
+    assert not _selects(policy["spec"]["podSelector"], _pod_labels(default_manifests, "Deployment", MLFLOW))
+    port = default_manifests.container("StatefulSet", POSTGRESQL, "postgresql")["ports"][0]["containerPort"]
+    assert _admits(policy, _pod_labels(default_manifests, "Deployment", MLFLOW), NAMESPACE, port)
+    for labels in (_airflow_pod("worker"), _airflow_pod("scheduler"), {"airflow-modelopt/step": "promote"}, {}):
+        assert not _admits(policy, labels, NAMESPACE, port), labels
+
+
+def test_proxy_mode_admits_only_the_proxy(helm: Helm, tmp_path: Path) -> None:
+    values = tmp_path / "proxy.yaml"
+    values.write_text(yaml.safe_dump({
+        "mlflow": {"auth": {"mode": "proxy"}},
+        "connection": {"trackingUri": "https://mlflow.example.com"},
+        "networkPolicy": {"proxyPeers": [{"podSelector": {"matchLabels": {"app": "oauth2-proxy"}}}]},
+    }))
+    manifests = helm.render("-f", str(values))
+    policy = manifests.one("NetworkPolicy", MLFLOW)
+    assert _admits(policy, {"app": "oauth2-proxy"}, NAMESPACE, 5000)
+    assert not _admits(policy, _airflow_pod("worker"), NAMESPACE, 5000)  # nothing goes around the proxy
+    assert not _admits(policy, {"airflow-modelopt/step": "promote"}, NAMESPACE, 5000)
+    assert "--app-name" not in manifests.container("Deployment", MLFLOW, "mlflow")["args"]
+    assert manifests.secret_data(f"{RELEASE}-connection") == {"AIRFLOW_CONN_MLFLOW_DEFAULT": "https://mlflow.example.com"}
+
+
+def test_network_policies_can_be_left_out(helm: Helm) -> None:
+    assert not helm.render("--set", "networkPolicy.enabled=false").all("NetworkPolicy")

@@ -85,6 +85,8 @@ def test_kubernetes_pod_has_secret_env_resources_and_result_sidecar(operator, mo
     assert pod.metadata.namespace == "ml"
     assert pod.spec.service_account_name == "modelopt-steps"
     assert pod.spec.node_selector == {"pool": "cpu"}
+    # the Helm chart's NetworkPolicy admits step pods to MLflow by this label: a contract
+    assert pod.metadata.labels["airflow-modelopt/step"] == "torch_to_onnx"
     base = pod.spec.containers[0]
     assert base.image == "airflow-modelopt-torch:0.1.0"
     assert base.command == ["airflow-modelopt"]
