@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +69,13 @@ class MlflowServer:
         return MlflowClient(tracking_uri=self.uri)
 
 
+#: Environment of every `mlflow server` the tests start. uvicorn restarts a worker that misses a
+#: 5 s health check, and on a loaded 2-core machine a worker still importing MLflow misses it again
+#: and again; MLflow 3's job runner (GenAI scorers) starts about eight huey consumer processes per
+#: server that no test uses.
+MLFLOW_SERVER_TEST_ENV = {"UVICORN_TIMEOUT_WORKER_HEALTHCHECK": "120", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> MlflowServer:
     """A real `mlflow server --serve-artifacts` on 127.0.0.1 with a SQLite backend."""
@@ -78,9 +88,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> MlflowServer:
          "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
          "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts", "--workers", "2"],
         stdout=log, stderr=subprocess.STDOUT, cwd=root,
-        # uvicorn restarts a worker that misses a 5 s health check; on a loaded 2-core machine a
-        # worker still importing MLflow misses it again and again
-        env={**os.environ, "UVICORN_TIMEOUT_WORKER_HEALTHCHECK": "120"},
+        env={**os.environ, **MLFLOW_SERVER_TEST_ENV},
     )
     try:
         wait_http(f"{uri}/health", timeout=300, proc=proc)  # generous: a loaded 2-core machine starts it slowly
@@ -204,3 +212,66 @@ def skip_unless_available(reason: str | None, require_var: str, what: str) -> No
 def docker_engine() -> None:
     skip_unless_available(docker_available(), "MODELOPT_REQUIRE_DOCKER",
                           "container tests need a Docker engine (start dockerd, or see .ci/run)")
+
+
+# -- PostgreSQL -------------------------------------------------------------------------------
+
+
+@dataclass
+class Postgres:
+    host: str
+    port: int
+    socket_dir: str
+
+    def connect(self, **kwargs: Any) -> Any:
+        import psycopg2
+
+        return psycopg2.connect(host=kwargs.pop("host", self.host), port=self.port, **kwargs)
+
+
+def postgres_unavailable() -> str | None:
+    try:
+        import psycopg2  # noqa: F401
+    except ImportError:
+        return "psycopg2 is not installed (pip install psycopg2-binary)"
+    missing = [tool for tool in ("initdb", "pg_ctl", "postgres") if shutil.which(tool) is None]
+    if missing:
+        return f"PostgreSQL server tools not on PATH: {', '.join(missing)}"
+    if os.geteuid() == 0:
+        try:
+            pwd.getpwnam("nobody")
+        except KeyError:
+            return "running as root and there is no user 'nobody' to run PostgreSQL as"
+    return None
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[Postgres]:
+    """A throwaway PostgreSQL on 127.0.0.1: superuser over the socket (trust), others by password."""
+    reason = postgres_unavailable()
+    if reason:
+        pytest.skip(f"this test needs a PostgreSQL server: {reason}")
+    root = Path(tempfile.mkdtemp(prefix="modelopt-pg-"))
+    run_as: dict[str, Any] = {}
+    if os.geteuid() == 0:  # initdb refuses to run as root
+        nobody = pwd.getpwnam("nobody")
+        os.chown(root, nobody.pw_uid, nobody.pw_gid)
+        run_as = {"user": nobody.pw_uid, "group": nobody.pw_gid, "extra_groups": []}
+    data, port = root / "data", free_port()
+    try:
+        subprocess.run(["initdb", "-D", str(data), "-U", "postgres", "--auth-local=trust",
+                        "--auth-host=scram-sha-256", "-E", "UTF8", "--no-sync"],
+                       check=True, capture_output=True, timeout=120, cwd=root, **run_as)
+        options = f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={root} -c fsync=off"
+        subprocess.run(["pg_ctl", "-D", str(data), "-o", options, "-l", str(root / "postgres.log"), "-w", "-t", "60",
+                        "start"], check=True, capture_output=True, timeout=90, cwd=root, **run_as)
+    except subprocess.CalledProcessError as exc:
+        log = (root / "postgres.log").read_text()[-2000:] if (root / "postgres.log").exists() else ""
+        shutil.rmtree(root, ignore_errors=True)
+        pytest.fail(f"{exc.cmd[0]} failed: {exc.stderr.decode()[-2000:]}\n{log}")
+    try:
+        yield Postgres("127.0.0.1", port, str(root))
+    finally:
+        subprocess.run(["pg_ctl", "-D", str(data), "-m", "immediate", "-w", "stop"], capture_output=True,
+                       timeout=60, cwd=root, **run_as)
+        shutil.rmtree(root, ignore_errors=True)

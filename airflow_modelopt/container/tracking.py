@@ -166,17 +166,62 @@ def fetch(uri: str, dest: Path, *, field: str) -> Path:
     return path
 
 
+#: Fields of an MLflow model's ``MLmodel`` file that MLflow stamps anew on every save of the same
+#: model (time, random ids, the run and path it was logged under): a content digest leaves them out.
+MLMODEL_VOLATILE_FIELDS = ("utc_time_created", "model_uuid", "model_id", "run_id", "artifact_path")
+#: The environment files MLflow writes next to an MLmodel: inferred at save time (a timeout falls
+#: back to another list), and the environment is already in the cache key (code and image).
+MLMODEL_ENV_FILES = ("conda.yaml", "python_env.yaml", "requirements.txt", "constraints.txt")
+
+#: The external-data file of every ONNX model a step logs. Left unnamed, onnx names it with a
+#: random UUID, so the same weights saved twice made different model.onnx bytes.
+ONNX_DATA_FILE = "model.onnx.data"
+
+
 def digest(path: Path) -> str:
-    """sha256 of a file's bytes, or of a folder's relative paths and file bytes, in sorted order."""
+    """sha256 of a file's bytes, or of a folder's relative paths and file bytes, in sorted order.
+
+    The content that makes a model: in an MLflow model folder the ``MLmodel`` file counts without
+    its volatile fields and the environment files not at all, so the same model logged twice has
+    one digest (and the steps after a rebuild hit the cache).
+    """
     h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    files = [path] if path.is_file() else sorted(
+        p for p in path.rglob("*")
+        if p.is_file() and not (p.name in MLMODEL_ENV_FILES and (p.parent / "MLmodel").is_file())
+    )
     for f in files:
         if path.is_dir():
             h.update(f.relative_to(path).as_posix().encode() + b"\0")
+        if f.name == "MLmodel":
+            h.update(_stable_mlmodel(f))
+            continue
         with open(f, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()
+
+
+def _stable_mlmodel(path: Path) -> bytes:
+    import yaml
+
+    try:
+        fields = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError):
+        return path.read_bytes()  # not an MLmodel MLflow wrote: its bytes as they are
+    if not isinstance(fields, dict):
+        return path.read_bytes()
+    stable = {k: v for k, v in fields.items() if k not in MLMODEL_VOLATILE_FIELDS}
+    return yaml.safe_dump(stable, sort_keys=True).encode()
+
+
+def log_onnx_model(proto: Any, **kwargs: Any) -> Any:
+    """``mlflow.onnx.log_model`` of an ONNX model as ``onnx_model``, its tensors in one external-data
+    file with a fixed name (ONNX_DATA_FILE), so a rebuild of the same model gives the same bytes."""
+    import mlflow.onnx
+
+    return mlflow.onnx.log_model(proto, name="onnx_model", save_as_external_data=True,
+                                 all_tensors_to_one_file=True, location=ONNX_DATA_FILE, **kwargs)
 
 
 def find_cached(client: MlflowClient, experiment_id: str, key: str) -> Any | None:

@@ -23,7 +23,10 @@ class PromoteModelOperator(ModelOptOperator):
     ``candidate_tasks={target: {"chain": [build task ids, in order], "artifact": "onnx_model",
     "validate": task_id, "benchmark": task_id}}``. A target whose tasks failed or were skipped is a
     failing candidate with the reason; it is never registered. Runs with trigger rule
-    ``all_done`` by default, so one failed branch does not stop the others from promoting.
+    ``all_done`` by default, so one failed branch does not stop the others from promoting. When no
+    candidate passed, the task fails (not retried), naming each target's reason, so the DAG run
+    fails too; with some failed targets it succeeds and the parent MLflow run says which failed.
+    Copies of a promotion running at once register each candidate once (see the promote step).
     """
 
     spec_class = PromoteSpec

@@ -17,89 +17,24 @@ import base64
 import importlib.util
 import json
 import os
-import pwd
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from tests.conftest import free_port, wait_http
+from tests.conftest import Postgres, free_port, wait_http
 from tests.helm.conftest import IN_CLUSTER_URI, MLFLOW, NAMESPACE, POSTGRESQL, RELEASE, Helm, Manifests
 
 pytestmark = [pytest.mark.helm, pytest.mark.timeout(480)]
 
 MLFLOW_EXE = Path(sys.executable).with_name("mlflow")
-
-
-@dataclass
-class Postgres:
-    host: str
-    port: int
-    socket_dir: str
-
-    def connect(self, **kwargs: Any) -> Any:
-        import psycopg2
-
-        return psycopg2.connect(host=kwargs.pop("host", self.host), port=self.port, **kwargs)
-
-
-def postgres_unavailable() -> str | None:
-    try:
-        import psycopg2  # noqa: F401
-    except ImportError:
-        return "psycopg2 is not installed (pip install psycopg2-binary)"
-    missing = [tool for tool in ("initdb", "pg_ctl", "postgres") if shutil.which(tool) is None]
-    if missing:
-        return f"PostgreSQL server tools not on PATH: {', '.join(missing)}"
-    if os.geteuid() == 0:
-        try:
-            pwd.getpwnam("nobody")
-        except KeyError:
-            return "running as root and there is no user 'nobody' to run PostgreSQL as"
-    return None
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[Postgres]:
-    """A throwaway PostgreSQL on 127.0.0.1: superuser over the socket (trust), others by password."""
-    reason = postgres_unavailable()
-    if reason:
-        pytest.skip(f"running the rendered MLflow server needs PostgreSQL: {reason}")
-    root = Path(tempfile.mkdtemp(prefix="modelopt-pg-"))
-    run_as: dict[str, Any] = {}
-    if os.geteuid() == 0:  # initdb refuses to run as root
-        nobody = pwd.getpwnam("nobody")
-        os.chown(root, nobody.pw_uid, nobody.pw_gid)
-        run_as = {"user": nobody.pw_uid, "group": nobody.pw_gid, "extra_groups": []}
-    data, port = root / "data", free_port()
-    try:
-        subprocess.run(["initdb", "-D", str(data), "-U", "postgres", "--auth-local=trust",
-                        "--auth-host=scram-sha-256", "-E", "UTF8", "--no-sync"],
-                       check=True, capture_output=True, timeout=120, cwd=root, **run_as)
-        options = f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={root} -c fsync=off"
-        subprocess.run(["pg_ctl", "-D", str(data), "-o", options, "-l", str(root / "postgres.log"), "-w", "-t", "60",
-                        "start"], check=True, capture_output=True, timeout=90, cwd=root, **run_as)
-    except subprocess.CalledProcessError as exc:
-        log = (root / "postgres.log").read_text()[-2000:] if (root / "postgres.log").exists() else ""
-        shutil.rmtree(root, ignore_errors=True)
-        pytest.fail(f"{exc.cmd[0]} failed: {exc.stderr.decode()[-2000:]}\n{log}")
-    try:
-        yield Postgres("127.0.0.1", port, str(root))
-    finally:
-        subprocess.run(["pg_ctl", "-D", str(data), "-m", "immediate", "-w", "stop"], capture_output=True,
-                       timeout=60, cwd=root, **run_as)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def _request(url: str, *, host: str | None = None, method: str = "GET", body: bytes | None = None,

@@ -56,6 +56,8 @@ def test_passing_candidates_registered_with_lineage_and_aliases(mlflow_server, u
     assert result["info"]["aliases"]["champion"] == int(v.version)
     assert "onnx_int8_static" in result["info"]["summary_markdown"]
     assert result["metrics"]["registered_now"] == 2.0
+    parent = mlflow_server.client().get_run(result["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["modelopt.outcome"] == "some_failed"
 
 
 def test_plain_artifact_folder_is_registered_and_downloadable(mlflow_server, uris, tmp_path):
@@ -77,6 +79,9 @@ def test_rerun_registers_nothing_twice(mlflow_server, uris):
     again = _promote(mlflow_server, name, candidates, force=True)
     assert again["metrics"]["registered_now"] == 0.0
     assert len(mlflow_server.client().search_model_versions(f"name = '{name}'")) == 1
+    # without force too: promotion is never answered from the cache (it moves aliases, ends the parent run)
+    third = _promote(mlflow_server, name, candidates)
+    assert third["cache_hit"] is False and third["metrics"]["registered_now"] == 0.0
 
 
 def test_champion_moves_only_when_beaten_without_worse_accuracy(mlflow_server, uris):
@@ -102,11 +107,48 @@ def test_champion_moves_only_when_beaten_without_worse_accuracy(mlflow_server, u
     assert "beats the champion" in better["info"]["decision"]
 
 
-def test_no_passing_candidate_moves_no_alias(mlflow_server, uris):
+def test_no_passing_candidate_fails_promotion_and_the_parent_run(mlflow_server, uris):
+    """A DAG run in which every candidate failed must not end green: the step fails naming each
+    target's reason, nothing is registered, and the parent run ends FAILED with the outcome."""
     name = "digits-promote-d"
-    result = _promote(mlflow_server, name, [_candidate("onnx_fp32", uris["onnx"], latency=1.0, passed=False)])
-    assert result["info"]["aliases"] == {}
-    assert mlflow_server.client().search_model_versions(f"name = '{name}'") == []
+    candidates = [_candidate("onnx_fp32", uris["onnx"], latency=1.0, passed=False),
+                  {**_candidate("tflite_int8", None, latency=1.0, passed=False),
+                   "reasons": ["build task tflite_int8_build did not succeed"]}]
+    spec = {"registered_model_name": name, "candidates": candidates,
+            "context": {"experiment_name": "tests-promote", "dag_id": "promote_test", "run_id": f"manual__{name}"}}
+    run = run_step("promote", spec, mlflow_server.env())
+    assert run.returncode == 3, run.output[-3000:]
+    assert "no candidate passed" in run.output
+    assert "onnx_fp32: max_accuracy_drop: 0.08 > 0.02" in run.output
+    assert "tflite_int8: build task tflite_int8_build did not succeed" in run.output
+    client = mlflow_server.client()
+    assert client.search_model_versions(f"name = '{name}'") == []
+    parent = _parent_run(client, name)
+    assert parent.info.status == "FAILED"
+    assert parent.data.tags["modelopt.outcome"] == "none_passed"
+    assert "tflite_int8: build task" in parent.data.tags["modelopt.failed_targets"]
+    assert parent.data.metrics["modelopt.candidates_failed"] == 2.0
+    assert parent.data.metrics["modelopt.candidates_passed"] == 0.0
+    assert "summary/candidates.md" in {a.path for a in client.list_artifacts(parent.info.run_id, "summary")}
+
+
+def test_some_failed_targets_stay_green_but_say_so_on_the_parent_run(mlflow_server, uris):
+    name = "digits-promote-f"
+    _promote(mlflow_server, name, [_candidate("onnx_fp32", uris["onnx"], latency=2.0),
+                                   _candidate("onnx_int8_static", uris["onnx"], latency=1.0, passed=False)])
+    parent = _parent_run(mlflow_server.client(), name)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["modelopt.outcome"] == "some_failed"
+    assert parent.data.tags["modelopt.failed_targets"] == "onnx_int8_static: max_accuracy_drop: 0.08 > 0.02"
+    assert parent.data.metrics["modelopt.candidates_failed"] == 1.0
+    assert parent.data.metrics["modelopt.candidates_passed"] == 1.0
+
+
+def _parent_run(client, name):
+    runs = client.search_runs([client.get_experiment_by_name("tests-promote").experiment_id],
+                              filter_string=f"tags.`modelopt.role` = 'dag_run' and tags.`airflow.run_id` = 'manual__{name}'")
+    assert len(runs) == 1
+    return runs[0]
 
 
 def test_summary_on_parent_run(mlflow_server, uris):

@@ -10,24 +10,60 @@
   winner gets ``challenger``. Aliases move only after every registration succeeded.
 * A summary (Markdown and HTML table of every candidate, the comparison plot) goes on the DAG
   run's parent run and into the result.
+* The outcome ends the DAG run's parent run: tags ``modelopt.outcome`` (all_passed, some_failed,
+  none_passed, error) and ``modelopt.failed_targets``, metrics ``modelopt.candidates``,
+  ``modelopt.candidates_passed`` and ``modelopt.candidates_failed``, then FINISHED, or FAILED
+  when nothing passed or promotion itself failed. No passing candidate fails the step (GateFailed,
+  naming each target's reason), so the DAG run does not end green with nothing promoted.
+
+Concurrency (several promotions of one registered model at once, e.g. copies of a DAG run):
+
+* Registration is create-then-reconcile, without a lock. A promotion that finds no version with
+  the candidate key creates one (its tags, the key among them, are written in the same database
+  transaction as the version), then lists the versions carrying that key again and keeps the
+  lowest version number; if its own is not that one, it deletes its own duplicate and uses the
+  lowest. This is race-free because the registry assigns version numbers of one model in commit
+  order (the SQL store locks the registered model's row while it computes max(version) + 1), so
+  whoever sees a version also sees every lower one: all racers agree on the same lowest version,
+  and its creator never deletes it.
+* Alias moves (``<target>``, ``champion``, ``challenger``) read the current champion and write
+  aliases: a read-modify-write, so they are serialised by a registry-side lock. The lock is a
+  registered model ``<name>.modelopt-lock``: creating a registered model is atomic (its name is
+  unique), so exactly one promotion holds it; it is deleted on release. It carries its holder and a
+  lease (``modelopt.lease_expires``, epoch seconds); a promotion that died holding it blocks others
+  only until the lease ends, after which the next one breaks it. The lease is far longer than
+  the critical section (a few registry calls), so breaking a live lock needs a stalled holder.
 """
 
 from __future__ import annotations
 
 import html
 import json
+import os
+import random
+import socket
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from airflow_modelopt.container.context import StepContext, StepOutput
 from airflow_modelopt.container.tracking import digest
-from airflow_modelopt.exceptions import InputError, StepFailed
+from airflow_modelopt.exceptions import GateFailed, InputError, StepFailed
 from airflow_modelopt.specs.promote import OBJECTIVE_METRICS, Candidate, PromoteSpec
 from airflow_modelopt.version import __version__
 
 TAG_KEY = "modelopt.candidate_key"
 TAG_TARGET = "modelopt.target"
 METRIC_TAG = "modelopt.metric."
+TAG_OUTCOME = "modelopt.outcome"
+TAG_FAILED_TARGETS = "modelopt.failed_targets"
+LOCK_SUFFIX = ".modelopt-lock"
+TAG_LOCK_HOLDER = "modelopt.lock_holder"
+TAG_LEASE_EXPIRES = "modelopt.lease_expires"
+LOCK_LEASE_S = 120.0
+LOCK_WAIT_S = 600.0
 
 
 def _ensure_registered_model(client: Any, name: str) -> None:
@@ -42,9 +78,64 @@ def _ensure_registered_model(client: Any, name: str) -> None:
             client.get_registered_model(name)  # created meanwhile by a parallel promotion
 
 
-def _find_version(client: Any, name: str, key: str) -> Any | None:
+def _versions_with_key(client: Any, name: str, key: str) -> list[Any]:
+    """Versions of ``name`` carrying this candidate key, lowest version number first."""
     found = client.search_model_versions(f"name = '{name}' and tags.`{TAG_KEY}` = '{key}'")
-    return max(found, key=lambda v: int(v.version)) if found else None
+    return sorted(found, key=lambda v: int(v.version))
+
+
+@contextmanager
+def registry_lock(client: Any, name: str, log: Any, lease_s: float = LOCK_LEASE_S,
+                  wait_s: float = LOCK_WAIT_S) -> Iterator[None]:
+    """Hold the registry-side lock of ``name`` (see the module docstring) while the body runs."""
+    from mlflow.exceptions import MlflowException
+
+    lock = f"{name}{LOCK_SUFFIX}"
+    holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    deadline, delay = time.monotonic() + wait_s, 0.1
+    while True:
+        try:
+            client.create_registered_model(
+                lock, tags={TAG_LOCK_HOLDER: holder, TAG_LEASE_EXPIRES: repr(time.time() + lease_s)},
+                description=f"airflow-modelopt: held while a promotion moves the aliases of {name}")
+            break
+        except MlflowException as exc:
+            # The server may also answer "does not exist" when a release races the create.
+            if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
+                raise
+        try:
+            current = client.get_registered_model(lock)
+        except MlflowException:
+            continue  # released meanwhile
+        other = current.tags.get(TAG_LOCK_HOLDER, "?")
+        if other == holder:  # our create went through although its answer was an error
+            break
+        expired_for = time.time() - float(current.tags.get(TAG_LEASE_EXPIRES, "0"))
+        if expired_for > 0:
+            log.warning("Breaking the stale registry lock %s held by %s (its lease ended %.0f s ago)",
+                        lock, other, expired_for)
+            _release(client, lock, other)
+            continue
+        if time.monotonic() > deadline:
+            raise StepFailed(f"registry lock {lock!r} is still held by {other} after waiting {wait_s:.0f} s; "
+                             f"it expires in {-expired_for:.0f} s")
+        time.sleep(delay + random.uniform(0, delay))
+        delay = min(delay * 2, 2.0)
+    try:
+        yield
+    finally:
+        _release(client, lock, holder)
+
+
+def _release(client: Any, lock: str, holder: str) -> None:
+    """Delete the lock if ``holder`` still holds it; a lock already gone is fine."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        if client.get_registered_model(lock).tags.get(TAG_LOCK_HOLDER) == holder:
+            client.delete_registered_model(lock)
+    except MlflowException:
+        pass
 
 
 def _candidate_key(c: Candidate) -> str:
@@ -80,11 +171,12 @@ def _register(client: Any, spec: PromoteSpec, c: Candidate, log: Any,
     """(model version, registered now?) — reuses the version a previous attempt registered."""
     import mlflow
 
+    name = spec.registered_model_name
     key = _candidate_key(c)
-    existing = _find_version(client, spec.registered_model_name, key)
-    if existing is not None:
-        log.info("%s: already registered as version %s (candidate key %s)", c.target, existing.version, key[:12])
-        return existing, False
+    existing = _versions_with_key(client, name, key)
+    if existing:
+        log.info("%s: already registered as version %s (candidate key %s)", c.target, existing[0].version, key[:12])
+        return existing[0], False
     if c.model_uri.startswith("runs:/"):
         # A plain artifact folder (a TFLite model, a TensorRT engine) is not an MLflow logged model:
         # register its resolved artifact location, linked to the run that made it.
@@ -95,14 +187,22 @@ def _register(client: Any, spec: PromoteSpec, c: Candidate, log: Any,
     else:
         version = mlflow.register_model(c.model_uri, spec.registered_model_name, tags=_version_tags(spec, c, calibration_digest),
                                         await_registration_for=300)
+    keeper = _versions_with_key(client, name, key)[0]
+    new = keeper.version == version.version
+    if not new:  # a parallel promotion registered the same candidate first: drop our duplicate
+        log.info("%s: a parallel promotion registered candidate key %s as version %s; deleting duplicate "
+                 "version %s", c.target, key[:12], keeper.version, version.version)
+        client.delete_model_version(name, version.version)
+        version = keeper
     deadline = time.monotonic() + 300
     while version.status != "READY" and time.monotonic() < deadline:
         time.sleep(1)
         version = client.get_model_version(spec.registered_model_name, version.version)
     if version.status != "READY":
         raise StepFailed(f"{c.target}: model version {version.version} is {version.status}, not READY")
-    log.info("%s: registered version %s from %s", c.target, version.version, c.model_uri)
-    return version, True
+    if new:
+        log.info("%s: registered version %s from %s", c.target, version.version, c.model_uri)
+    return version, new
 
 
 def _objective(c_metrics: dict[str, float], objective: str) -> float | None:
@@ -164,10 +264,83 @@ def _table(spec: PromoteSpec, rows: list[dict[str, Any]]) -> tuple[str, str]:
     return "\n".join(md) + "\n", page
 
 
+def _move_aliases(client: Any, spec: PromoteSpec, passing: list[Candidate], versions: dict[str, Any],
+                  log: Any) -> tuple[dict[str, int], str]:
+    """<target> -> this run's version of that target; champion/challenger by policy. Call under the lock."""
+    name = spec.registered_model_name
+    aliases: dict[str, int] = {}
+    for target, version in versions.items():
+        client.set_registered_model_alias(name, target, version.version)
+        aliases[target] = int(version.version)
+    ranked = [c for c in passing if _objective(c.metrics, spec.objective) is not None]
+    if not ranked:
+        raise InputError(
+            f"candidates: no passing candidate has the objective metric {OBJECTIVE_METRICS[spec.objective]!r}; "
+            "run the benchmark step for each target"
+        )
+    winner = min(ranked, key=lambda c: (_objective(c.metrics, spec.objective), c.metrics.get("accuracy_drop", 0.0)))
+    champion_version, champion_metrics = _champion_metrics(client, name)
+    wins, why = decide_champion(winner.metrics, champion_metrics if champion_version else None,
+                                spec.objective, spec.accuracy_drop_tolerance)
+    winner_version = versions[winner.target].version
+    if champion_version is not None and champion_version.version == winner_version:
+        wins, why = True, "the winner already is the champion"
+    alias = "champion" if wins else "challenger"
+    client.set_registered_model_alias(name, alias, winner_version)
+    aliases[alias] = int(winner_version)
+    decision = f"{winner.target} (version {winner_version}) -> {alias}: {why}"
+    log.info("Policy: %s", decision)
+    return aliases, decision
+
+
+def _failure_reasons(failed: list[Candidate]) -> str:
+    return "; ".join(f"{c.target}: {', '.join(c.reasons) or 'failed (no reason recorded)'}" for c in failed)
+
+
+def _end_parent_run(ctx: StepContext, spec: PromoteSpec, failed: list[Candidate], outcome: str,
+                    error: str | None = None) -> None:
+    """Record the outcome on the DAG run's parent run and end it (FINISHED, or FAILED when nothing
+    was promoted). Without a parent run, the tags and metrics go on this step's run."""
+    from mlflow.entities import Metric, RunTag
+
+    client, target = ctx.client, ctx.parent_run_id or ctx.run_id
+    total = len(spec.candidates)
+    now = int(time.time() * 1000)
+    metrics = [Metric("modelopt.candidates", float(total), now, 0),
+               Metric("modelopt.candidates_passed", float(total - len(failed)), now, 0),
+               Metric("modelopt.candidates_failed", float(len(failed)), now, 0)]
+    tags = [RunTag(TAG_OUTCOME, outcome), RunTag(TAG_FAILED_TARGETS, _failure_reasons(failed)[:5000])]
+    if error:
+        tags.append(RunTag("modelopt.promote_error", error[:5000]))
+    try:
+        client.log_batch(target, metrics=metrics, tags=tags)
+        if ctx.parent_run_id:
+            client.set_terminated(ctx.parent_run_id, "FINISHED" if outcome in ("all_passed", "some_failed") else "FAILED")
+    except Exception:  # noqa: BLE001 - the promotion's own outcome matters more than this bookkeeping
+        ctx.log.exception("could not record the outcome on MLflow run %s", target)
+
+
 def run(spec: PromoteSpec, ctx: StepContext) -> StepOutput:
+    passing = [c for c in spec.candidates if c.passed]
+    failed = [c for c in spec.candidates if not c.passed]
+    try:
+        output = _promote(spec, ctx, passing)
+    except Exception as exc:
+        _end_parent_run(ctx, spec, failed, "error", f"{type(exc).__name__}: {exc}")
+        raise
+    if not passing:
+        _end_parent_run(ctx, spec, failed, "none_passed")
+        raise GateFailed(f"no candidate passed, nothing was promoted to {spec.registered_model_name!r}: "
+                         f"{_failure_reasons(failed)}")
+    if failed:
+        ctx.log.warning("%d of %d candidates failed: %s", len(failed), len(spec.candidates), _failure_reasons(failed))
+    _end_parent_run(ctx, spec, failed, "some_failed" if failed else "all_passed")
+    return output
+
+
+def _promote(spec: PromoteSpec, ctx: StepContext, passing: list[Candidate]) -> StepOutput:
     client = ctx.client
     name = spec.registered_model_name
-    passing = [c for c in spec.candidates if c.passed]
     rows: list[dict[str, Any]] = []
     for c in spec.candidates:
         rows.append({"target": c.target, "verdict": "passed" if c.passed else "failed", "reasons": c.reasons,
@@ -177,7 +350,7 @@ def run(spec: PromoteSpec, ctx: StepContext) -> StepOutput:
         if not c.passed:
             ctx.log.info("%s: not registered (%s)", c.target, "; ".join(c.reasons) or "failed")
 
-    # 1. Register (idempotent) every passing candidate; no alias moves until all are in.
+    # 1. Register (idempotent, race-free) every passing candidate; no alias moves until all are in.
     versions: dict[str, Any] = {}
     registered_now = 0
     if passing:
@@ -190,31 +363,12 @@ def run(spec: PromoteSpec, ctx: StepContext) -> StepOutput:
         registered_now += int(new)
         by_target[c.target]["version"] = int(version.version)
 
-    # 2. Aliases: <target> -> newest passing version of that target; champion/challenger by policy.
+    # 2. Aliases, serialised with other promotions of this registered model.
     aliases: dict[str, int] = {}
-    for target, version in versions.items():
-        client.set_registered_model_alias(name, target, version.version)
-        aliases[target] = int(version.version)
     decision = "no passing candidate: no alias moved"
     if passing:
-        ranked = [c for c in passing if _objective(c.metrics, spec.objective) is not None]
-        if not ranked:
-            raise InputError(
-                f"candidates: no passing candidate has the objective metric {OBJECTIVE_METRICS[spec.objective]!r}; "
-                "run the benchmark step for each target"
-            )
-        winner = min(ranked, key=lambda c: (_objective(c.metrics, spec.objective), c.metrics.get("accuracy_drop", 0.0)))
-        champion_version, champion_metrics = _champion_metrics(client, name)
-        wins, why = decide_champion(winner.metrics, champion_metrics if champion_version else None,
-                                    spec.objective, spec.accuracy_drop_tolerance)
-        winner_version = versions[winner.target].version
-        if champion_version is not None and champion_version.version == winner_version:
-            wins, why = True, "the winner already is the champion"
-        alias = "champion" if wins else "challenger"
-        client.set_registered_model_alias(name, alias, winner_version)
-        aliases[alias] = int(winner_version)
-        decision = f"{winner.target} (version {winner_version}) -> {alias}: {why}"
-        ctx.log.info("Policy: %s", decision)
+        with registry_lock(client, name, ctx.log):
+            aliases, decision = _move_aliases(client, spec, passing, versions, ctx.log)
     for target in aliases:
         if target in by_target:
             by_target[target].setdefault("aliases", target)
@@ -233,7 +387,8 @@ def run(spec: PromoteSpec, ctx: StepContext) -> StepOutput:
         from pathlib import Path
 
         with tempfile.TemporaryDirectory(prefix="modelopt-summary-") as tmp:
-            Path(tmp, "candidates.md").write_text(markdown + f"\nPolicy: {decision}\n")
+            outcome = f"{len(passing)} of {len(spec.candidates)} candidates passed"
+            Path(tmp, "candidates.md").write_text(markdown + f"\nOutcome: {outcome}\n\nPolicy: {decision}\n")
             Path(tmp, "candidates.html").write_text(page)
             Path(tmp, "candidates.json").write_text(json.dumps({"rows": rows, "aliases": aliases, "decision": decision},
                                                                indent=2, default=str))
@@ -252,7 +407,7 @@ def run(spec: PromoteSpec, ctx: StepContext) -> StepOutput:
     return StepOutput(
         artifacts=artifacts,
         metrics={"candidates": float(len(spec.candidates)), "passed": float(len(passing)),
-                 "registered_now": float(registered_now)},
+                 "failed": float(len(spec.candidates) - len(passing)), "registered_now": float(registered_now)},
         info={"registered_model_name": name, "aliases": aliases, "decision": decision, "candidates": rows,
               "summary_markdown": markdown},
     )
