@@ -83,7 +83,8 @@ def mlflow_server(work: Path, timeout_s: float = 120) -> Iterator[dict[str, str]
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{work / 'mlflow.db'}", "--artifacts-destination", str(work / "art"),
          "--serve-artifacts", "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, cwd=work)
+        stdout=log, stderr=subprocess.STDOUT, cwd=work,
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no GenAI job runner: measuring here
     try:
         deadline = time.monotonic() + timeout_s
         while True:

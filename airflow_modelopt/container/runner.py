@@ -115,7 +115,7 @@ def run_step(step: str, raw_spec: dict[str, Any] | str) -> StepResult:
         key = cache_key(spec, digests)
         log.info("Cache key %s", key)
 
-        if not spec.context.force:
+        if spec.cacheable and not spec.context.force:
             hit = tracking.find_cached(client, experiment_id, key)
             if hit is not None:
                 return _reuse(client, spec, experiment_id, parent, key, hit, started)

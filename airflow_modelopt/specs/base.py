@@ -65,6 +65,9 @@ class StepSpec(_Strict):
     input_fields: ClassVar[tuple[str, ...]] = ()
     #: Whether results depend on the machine (benchmarks): the hardware joins the cache key.
     cache_per_machine: ClassVar[bool] = False
+    #: Whether a finished run with the same cache key may stand in for this one. Not for steps
+    #: whose effect is outside their run (promotion moves aliases and ends the DAG run's parent run).
+    cacheable: ClassVar[bool] = True
 
     spec_version: Literal[1] = SPEC_VERSION
     step: str

@@ -47,6 +47,8 @@ class Candidate(_Strict):
 class PromoteSpec(StepSpec):
     """Register every passing candidate in the MLflow Model Registry and move aliases by policy."""
 
+    cacheable: ClassVar[bool] = False  # every DAG run promotes and closes its own parent run
+
     image_family: ClassVar[str] = "base"
     input_fields: ClassVar[tuple[str, ...]] = ("calibration_data_uri",)
 

@@ -23,6 +23,8 @@ import numpy as np
 
 from airflow_modelopt.container.context import StepContext, StepOutput
 from airflow_modelopt.container.data import as_model_dtype, load_npz, match_inputs, take_batch
+from airflow_modelopt.container.runtimes.torch_backend import load_exported_program, load_pickled_mlflow_model
+from airflow_modelopt.container.tracking import log_onnx_model
 from airflow_modelopt.exceptions import ConversionFailed, GateFailed, InputError
 from airflow_modelopt.specs import TorchToOnnxSpec
 
@@ -37,17 +39,18 @@ def load_torch_model(path: Path, uri: str) -> tuple[Any, str]:
     import torch
 
     if path.is_dir():
-        if (path / "MLmodel").is_file():
-            import mlflow.pytorch
-
+        pt2 = sorted(path.rglob("*.pt2"))
+        if (path / "MLmodel").is_file() and len(pt2) != 1:  # an MLflow pytorch model saved with pickle
             try:
-                model = mlflow.pytorch.load_model(str(path), map_location="cpu")
+                model = load_pickled_mlflow_model(path, field="model_uri", origin=uri)
+            except InputError:
+                raise
             except Exception as exc:
                 raise InputError(f"model_uri: {uri} is an MLflow model that does not load as pytorch: {exc}") from None
             return _eval_mode(model), "mlflow_pytorch"
-        pt2 = sorted(path.rglob("*.pt2"))
-        if len(pt2) == 1:
-            path = pt2[0]
+        if len(pt2) == 1:  # an MLflow model logged with the pt2 export, or a folder with one .pt2
+            module = load_exported_program(pt2[0], field="model_uri", origin=uri).module()
+            return _eval_mode(module), "mlflow_pytorch" if (path / "MLmodel").is_file() else "exported_program"
         else:
             raise InputError(
                 f"model_uri: {uri} is a directory, not a model file; expected a .pt2 or TorchScript file, "
@@ -61,7 +64,9 @@ def load_torch_model(path: Path, uri: str) -> tuple[Any, str]:
         loaders.reverse()
     for kind, loader in loaders:
         try:
-            return loader(path), kind
+            return loader(path, uri), kind
+        except InputError:  # a refusal (code in the file), not a format mismatch
+            raise
         except Exception as exc:  # noqa: BLE001 - report every loader's reason below
             errors.append(f"as {kind}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
     del torch
@@ -76,13 +81,11 @@ def _eval_mode(module: Any) -> Any:
         return module
 
 
-def _load_pt2(path: Path) -> Any:
-    import torch
-
-    return torch.export.load(str(path)).module()
+def _load_pt2(path: Path, uri: str) -> Any:
+    return load_exported_program(path, field="model_uri", origin=uri).module()
 
 
-def _load_torchscript(path: Path) -> Any:
+def _load_torchscript(path: Path, uri: str) -> Any:
     import torch
 
     return torch.jit.load(str(path), map_location="cpu").eval()
@@ -282,7 +285,6 @@ def compare(module: Any, session: Any, samples: dict[str, np.ndarray], names: li
 
 
 def run(spec: TorchToOnnxSpec, ctx: StepContext) -> StepOutput:
-    import mlflow
     import onnx
     import onnxruntime as ort
 
@@ -342,7 +344,7 @@ def run(spec: TorchToOnnxSpec, ctx: StepContext) -> StepOutput:
                  "layout": "NCHW" if len(stats["inputs"][0]["shape"]) == 4 else None}
     ctx.log_dict(stats, "onnx_graph_stats.json")
     proto = onnx.load(str(path))  # with its external data, for the flavor to save as a folder
-    model_info = mlflow.onnx.log_model(proto, name="onnx_model", save_as_external_data=True)
+    model_info = log_onnx_model(proto)
     return StepOutput(
         artifacts={"onnx_model": model_info.model_uri, "graph_stats": ctx.artifact_uri("onnx_graph_stats.json")},
         metrics=metrics,
