@@ -15,14 +15,78 @@ parallel branches, then one promotion. A user's own DAG gets the whole pipeline 
 Every argument may be a Jinja template (``"{{ params.model_uri }}"``). The task structure is fixed
 when the DAG is parsed; ``targets`` selects branches at run time: the others are skipped.
 Shared work (the ONNX export) runs once for all targets that need it.
+
+Up-front check: each selected target's first task (``target_<name>``) checks, before any build of
+that branch runs, what can be told without fetching anything or importing an ML framework
+(:func:`target_problems`): the data URIs its builds read are given (calibration data for the int8
+targets, training data, or the calibration split in its place, for the pruned one, evaluation
+data for every validation), and, for TensorRT targets run in local mode, that this worker sees an
+NVIDIA GPU. A failing check fails that branch at once, naming what is missing; the other branches
+go on. It does not open the data: whether an ``.npz`` has labels is the steps' to check (the prune
+step needs none: without labels it distils from the unpruned model), nor does it check GPUs of
+docker or kubernetes workers (the kubernetes pod requests ``nvidia.com/gpu``).
 """
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
 from typing import Any
 
 from airflow_modelopt.operators.xcom import artifact
 from airflow_modelopt.targets import TARGET_CHAINS, TARGETS, builds, parse_targets
+
+#: The operator whose builds need an NVIDIA GPU.
+_GPU_OPERATORS = ("TensorRTBuildOperator",)
+
+
+def target_needs(target: str) -> set[str]:
+    """What a target's tasks read, from its builds' arguments: ``eval_data`` (always: validation and
+    benchmark), ``calibration_data``, ``training_data`` (the calibration split may stand in), ``gpu``."""
+    all_builds = builds()
+    needs = {"eval_data"}
+    for task_id in TARGET_CHAINS[target][0]:
+        build = all_builds[task_id]
+        values = {v for v in build.kwargs.values() if isinstance(v, str)}
+        if "{calibration}" in values:
+            needs.add("calibration_data")
+        if "{train}" in values:
+            needs.add("training_data")
+        if build.operator in _GPU_OPERATORS:
+            needs.add("gpu")
+    return needs
+
+
+def _given(value: Any) -> bool:
+    return value is not None and str(value).strip() not in ("", "None", "null")
+
+
+def gpu_visible() -> bool:
+    """Whether this machine shows an NVIDIA GPU driver (a device node, or nvidia-smi on PATH)."""
+    return Path("/dev/nvidiactl").exists() or shutil.which("nvidia-smi") is not None
+
+
+def target_problems(target: str, *, calibration_data_uri: Any, eval_data_uri: Any, train_data_uri: Any = None,
+                    execution_mode: str | None = None, gpu: bool | None = None) -> list[str]:
+    """Why ``target`` cannot be built with these inputs (empty when nothing is missing that can be
+    told cheaply). ``gpu``: whether a GPU is visible to local-mode steps (None: look here)."""
+    from airflow_modelopt.config import resolve_execution_mode
+
+    needs = target_needs(target)
+    problems = []
+    if "eval_data" in needs and not _given(eval_data_uri):
+        problems.append("eval_data_uri: not given; every target is validated and benchmarked on it")
+    if "calibration_data" in needs and not _given(calibration_data_uri):
+        problems.append(f"calibration_data_uri: not given; {target} is quantized with calibration data")
+    if "training_data" in needs and not (_given(train_data_uri) or _given(calibration_data_uri)):
+        problems.append(f"train_data_uri: not given, nor calibration_data_uri to stand in; {target} fine-tunes "
+                        "the pruned model on it (labels optional)")
+    if "gpu" in needs and resolve_execution_mode(execution_mode) == "local":
+        if not (gpu_visible() if gpu is None else gpu):
+            problems.append(f"{target} builds a TensorRT engine, which needs an NVIDIA GPU, but its steps run in "
+                            "local mode on this worker, which shows none (no /dev/nvidiactl, no nvidia-smi); run "
+                            "it on a GPU worker or in kubernetes mode (the pod requests nvidia.com/gpu)")
+    return problems
 
 
 def optimization_pipeline(
@@ -46,11 +110,12 @@ def optimization_pipeline(
     """Build the optimization TaskGroup (call inside a DAG context); returns the TaskGroup.
 
     ``available_targets`` fixes which branches exist in the DAG; ``targets`` (templated) selects
-    among them at run time. ``operator_kwargs`` adds arguments per task id (e.g.
-    ``{"tflite_int8": {"python": "/opt/tf/bin/python"}}``).
+    among them at run time. ``train_data_uri`` feeds the pruned target's fine-tune (labels under
+    ``y`` optional); when None, the calibration split stands in. ``operator_kwargs`` adds
+    arguments per task id (e.g. ``{"tflite_int8": {"python": "/opt/tf/bin/python"}}``).
     """
-    from airflow.providers.standard.operators.empty import EmptyOperator
     from airflow.sdk import TaskGroup, task
+    from airflow.sdk.exceptions import AirflowFailException
 
     from airflow_modelopt import operators as ops
 
@@ -77,10 +142,24 @@ def optimization_pipeline(
                 raise ValueError(f"target(s) {missing} are not part of this pipeline ({', '.join(available_targets)})")
             return [f"{prefix}target_{t}" for t in wanted]
 
+        def gate(target: str) -> Any:
+            """The target's first task: refuses at once (no retry) what its builds would fail on later."""
+            trt = [t for t in TARGET_CHAINS[target][0] if all_builds[t].operator in _GPU_OPERATORS]
+            mode = extra.get(trt[0], {}).get("execution_mode", execution_mode) if trt else execution_mode
+
+            @task(task_id=f"target_{target}", retries=0)
+            def check(calibration: Any, evaluation: Any, train: Any, execution: Any) -> None:
+                problems = target_problems(target, calibration_data_uri=calibration, eval_data_uri=evaluation,
+                                           train_data_uri=train, execution_mode=execution)
+                if problems:
+                    raise AirflowFailException(f"target {target!r} cannot be built: " + "; ".join(problems))
+
+            return check(calibration_data_uri, eval_data_uri, train_data_uri, mode)
+
         selector = select_targets(targets)
         # One gate per target right after the branch: a target's own tasks need its gate, shared
-        # builds (the ONNX export) run when any gate of a target using them ran.
-        gates = {t: EmptyOperator(task_id=f"target_{t}") for t in available_targets}
+        # builds (the ONNX export) run when any gate of a target using them passed.
+        gates = {t: gate(t) for t in available_targets}
         selector >> list(gates.values())
         users: dict[str, list[str]] = {}
         for t in available_targets:
@@ -96,7 +175,10 @@ def optimization_pipeline(
             kwargs[spec.model_field] = model_uri if spec.source is None else artifact(prefix + spec.source,
                                                                                      spec.source_artifact)
             if len(users[task_id]) > 1:
-                kwargs["trigger_rule"] = "none_failed_min_one_success"
+                # A failed gate (a target whose inputs are missing) must not stop the other targets'
+                # shared build; an upstream build, though, must have succeeded.
+                kwargs["trigger_rule"] = ("all_done_min_one_success" if spec.source is None
+                                          else "none_failed_min_one_success")
             op = getattr(ops, spec.operator)(task_id=task_id, **common, **kwargs, **extra.get(task_id, {}))
             if spec.source is not None:
                 build(spec.source) >> op

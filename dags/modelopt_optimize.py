@@ -4,7 +4,7 @@
 Trigger it from the Airflow UI (the form below), from the CLI
 (``airflow dags trigger modelopt_optimize -c '{"model_uri": "...", ...}'``), or by an update of
 the Asset ``modelopt_trained_model`` whose event extra carries ``model_uri`` (and optionally
-``calibration_data_uri``, ``eval_data_uri``): a training DAG emits it with
+``calibration_data_uri``, ``eval_data_uri``, ``train_data_uri``): a training DAG emits it with
 ``outlets=[Asset("modelopt_trained_model", uri="modelopt://trained-model")]``.
 # [END modelopt_optimize]
 """
@@ -40,6 +40,11 @@ with DAG(
             "", type="string", title="Evaluation data URI",
             description=".npz of evaluation samples (disjoint from calibration); labels under y give accuracy",
         ),
+        "train_data_uri": Param(
+            "", type=["null", "string"], title="Training data URI (optional)",
+            description=".npz the pruned target fine-tunes on: inputs, labels under y optional (without them "
+            "the pruned model learns from the unpruned one by distillation); empty means the calibration split",
+        ),
         "targets": Param(
             ["onnx_fp32", "onnx_int8_static", "tflite_int8"], type="array", title="Targets",
             items={"type": "string", "enum": list(TARGETS)}, minItems=1,
@@ -72,13 +77,17 @@ with DAG(
         missing = [k for k in ("model_uri", "calibration_data_uri", "eval_data_uri") if not params.get(k)]
         if missing:
             raise ValueError(f"missing {', '.join(missing)}: set them in the trigger form, -c JSON, or the Asset event extra")
-        return {k: params[k] for k in ("model_uri", "calibration_data_uri", "eval_data_uri")}
+        resolved = {k: params[k] for k in ("model_uri", "calibration_data_uri", "eval_data_uri")}
+        # No training data: the pruned target fine-tunes on the calibration split (labels optional).
+        resolved["train_data_uri"] = params.get("train_data_uri") or params["calibration_data_uri"]
+        return resolved
 
     inputs = resolve_inputs()
     pipeline = optimization_pipeline(
         model_uri="{{ ti.xcom_pull(task_ids='resolve_inputs')['model_uri'] }}",
         calibration_data_uri="{{ ti.xcom_pull(task_ids='resolve_inputs')['calibration_data_uri'] }}",
         eval_data_uri="{{ ti.xcom_pull(task_ids='resolve_inputs')['eval_data_uri'] }}",
+        train_data_uri="{{ ti.xcom_pull(task_ids='resolve_inputs')['train_data_uri'] }}",
         targets="{{ params.targets }}",
         registered_model_name="{{ params.registered_model_name }}",
         max_accuracy_drop="{{ params.max_accuracy_drop }}",

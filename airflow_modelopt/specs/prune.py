@@ -74,6 +74,10 @@ def option_conflicts(spec: PruneSpec, framework: Framework) -> list[str]:
             problems.append(
                 "train_data_uri: required for a Keras model (prune_low_magnitude prunes during training)"
             )
+        if spec.distill:
+            problems.append(
+                "distill: distillation is PyTorch-only; Keras pruning fine-tunes on the labels of train_data_uri"
+            )
     return problems
 
 
@@ -85,7 +89,9 @@ class PruneSpec(StepSpec):
     and makes it permanent; ``method='structured'`` removes that fraction of channels of every
     Conv/Linear layer (except the layers producing the model's outputs) with torch-pruning's
     dependency graph, so residual and concatenated channels stay consistent, and the network
-    really shrinks. Output: an ExportedProgram (.pt2) with a dynamic batch dimension.
+    really shrinks. The fine-tune learns from the labels of ``train_data_uri`` or, when it has none
+    (or ``distill`` is true), from the unpruned model's outputs (distillation). Output: an
+    ExportedProgram (.pt2) with a dynamic batch dimension.
 
     Keras (.keras, .h5, SavedModel or MLflow tensorflow model): TFMOT ``prune_low_magnitude``
     with a PolynomialDecay schedule from ``initial_sparsity`` to ``sparsity`` while fine-tuning
@@ -118,7 +124,9 @@ class PruneSpec(StepSpec):
         "the Keras schedule) or of channels removed per layer (structured)",
     )
     train_data_uri: ArtifactUri | None = Field(
-        None, description=".npz with inputs (x, or one array per input name) and labels y for fine-tuning"
+        None,
+        description=".npz with inputs (x, or one array per input name) for fine-tuning, with labels y or "
+        "without (then the pruned model learns from the unpruned one, see distill)",
     )
     eval_data_uri: ArtifactUri | None = Field(
         None, description=".npz with inputs and labels y; accuracy is measured on it before and after pruning"
@@ -127,8 +135,25 @@ class PruneSpec(StepSpec):
         None,
         ge=0,
         le=1000,
-        description=f"Epochs of fine-tuning on train_data_uri (cross-entropy, Adam); default 0 for "
-        f"PyTorch, {DEFAULT_KERAS_EPOCHS} for Keras (which prunes while it trains)",
+        description=f"Epochs of fine-tuning on train_data_uri (Adam; cross-entropy on labels and/or "
+        f"distillation, see distill); default 0 for PyTorch, {DEFAULT_KERAS_EPOCHS} for Keras (which prunes "
+        "while it trains)",
+    )
+    distill: bool | None = Field(
+        None,
+        description="PyTorch: fine-tune by distillation, the unpruned model as teacher (temperature-scaled KL "
+        "on a classifier's logits, mean squared error on other outputs), mixed with cross-entropy when "
+        "train_data_uri has labels y; unset means distil only when it has none; false means labels only",
+    )
+    distill_temperature: float = Field(
+        4.0, gt=0, le=100, description="Distillation temperature T: both logits are divided by T (KL scaled by T^2)"
+    )
+    distill_alpha: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Weight of the distillation term when labels are used too: alpha * KL + (1 - alpha) * "
+        "cross-entropy (without labels the loss is the distillation term alone)",
     )
     learning_rate: float = Field(1e-3, gt=0, le=1, description="Adam learning rate of the fine-tune")
     batch_size: int = Field(64, ge=1, le=65536, description="Fine-tuning batch size")
@@ -179,6 +204,8 @@ class PruneSpec(StepSpec):
             problems.append(f"train_data_uri: required when fine_tune_epochs is {self.fine_tune_epochs}")
         if self.max_accuracy_drop is not None and self.eval_data_uri is None:
             problems.append("eval_data_uri: required when max_accuracy_drop is set (accuracy is measured on it)")
+        if self.distill and self.fine_tune_epochs == 0:
+            problems.append("distill: true needs fine_tune_epochs of at least 1 (distillation is the fine-tune)")
         if self.round_to is not None and self.method != "structured":
             problems.append("round_to: only applies to method='structured' (channel counts)")
         if self.initial_sparsity is not None and self.initial_sparsity >= self.sparsity:

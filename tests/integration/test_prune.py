@@ -305,3 +305,34 @@ def test_nchw_data_for_an_nhwc_keras_model_is_refused_naming_the_field(mlflow_se
     run = prune(mlflow_server, model_uri=str(keras_digits / "model.keras"),
                 train_data_uri=example_model["artifacts"]["train_data"], sparsity=0.5)
     assert_refused(run, "train_data_uri: samples for input", "have shape [1, 8, 8] but the Keras model expects [8, 8, 1]")
+
+
+def test_unlabelled_training_data_without_distillation_is_refused(mlflow_server, example_model, tmp_path):
+    import mlflow
+
+    mlflow.set_tracking_uri(mlflow_server.uri)
+    x, _ = eval_arrays(example_model, tmp_path)
+    unlabelled = tmp_path / "inputs_only.npz"
+    np.savez(unlabelled, x=x)
+    run = prune(mlflow_server, model_uri=example_model["artifacts"]["model_pt2"], train_data_uri=str(unlabelled),
+                fine_tune_epochs=1, distill=False)
+    assert_refused(run, "train_data_uri: has no labels under 'y' and distill is false")
+
+
+def test_unlabelled_training_data_fine_tunes_by_distillation(mlflow_server, example_model, tmp_path):
+    import mlflow
+
+    mlflow.set_tracking_uri(mlflow_server.uri)
+    art = example_model["artifacts"]
+    with np.load(download(art["calibration_data"], tmp_path / "cal")) as data:
+        np.savez(tmp_path / "calibration_x.npz", x=data["x"])
+    run = prune(mlflow_server, model_uri=art["model_pt2"], train_data_uri=str(tmp_path / "calibration_x.npz"),
+                eval_data_uri=art["eval_data"], method="structured", sparsity=0.5, fine_tune_epochs=20,
+                learning_rate=0.003, max_accuracy_drop=0.02)
+    assert run.returncode == 0, run.output[-3000:]
+    m = run.result["metrics"]
+    assert run.result["info"]["fine_tune_signal"] == "distillation"
+    assert m["accuracy_pruned_before_fine_tune"] < m["accuracy_after"] - 0.1  # distillation recovers accuracy
+    assert m["accuracy_drop"] <= 0.02 and m["params_after"] < 0.5 * m["params_before"], m
+    tags = mlflow_server.client().get_run(run.result["mlflow_run_id"]).data.tags
+    assert tags["modelopt.prune.fine_tune_signal"] == "distillation"

@@ -103,7 +103,7 @@ def test_keras_schedule_fields_are_checked_against_each_other():
 
 
 def schedule(**fields):
-    from airflow_modelopt.container.steps._prune_keras import schedule_for
+    from airflow_modelopt.container.steps.prune.keras_prune import schedule_for
 
     spec = parse(model_uri=KERAS, train_data_uri=TRAIN, **fields)
     return schedule_for(spec, epochs=spec.epochs_for("keras"), samples=1000)

@@ -1,27 +1,52 @@
 """Keras side of the prune step: TFMOT magnitude pruning with a PolynomialDecay schedule.
 
-Imported only after ``steps.prune.use_legacy_keras()`` set ``TF_USE_LEGACY_KERAS=1``: TFMOT wraps
-tf_keras (Keras 2) layers, so models load with ``tf_keras`` and a model saved by Keras 3 is
-refused with a message saying so. Layers of the top-level model that TFMOT can prune (Dense,
-Conv1D/2D/3D, Conv2DTranspose, SeparableConv's pointwise kernel, Embedding, RNNs, attention) are
-wrapped with ``prune_low_magnitude``; layers of nested sub-models are left as they are. Pruning
-happens while the model trains (UpdatePruningStep), so a Keras model needs training data.
+TFMOT wraps tf_keras (Keras 2) layers: :func:`run_keras` first sets ``TF_USE_LEGACY_KERAS=1``
+(:func:`use_legacy_keras`), then models load with ``tf_keras``; a model saved by Keras 3 is refused
+with a message saying so. (The runtimes layer's Keras loader may pick Keras 3, and loads a
+SavedModel as a TF function, not a Keras model, so this path loads with tf_keras itself; the
+runtimes layer finds the model inside a folder.) Layers of the top-level model that TFMOT can
+prune (Dense, Conv1D/2D/3D, Conv2DTranspose, SeparableConv's pointwise kernel, Embedding, RNNs,
+attention) are wrapped with ``prune_low_magnitude``; layers of nested sub-models are left as they
+are. Pruning happens while the model trains (UpdatePruningStep), so a Keras model needs training
+data, with labels (distillation is PyTorch-only).
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import shutil
+import sys
+import time
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from airflow_modelopt.container.context import StepContext, StepOutput
 from airflow_modelopt.container.data import as_model_dtype, match_inputs
-from airflow_modelopt.exceptions import InputError
+from airflow_modelopt.container.steps.prune import common
+from airflow_modelopt.container.steps.prune.keras_flops import count_flops
+from airflow_modelopt.exceptions import InputError, StepFailed
+from airflow_modelopt.specs.prune import PruneSpec
 
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+
+
+def use_legacy_keras() -> None:
+    """TFMOT needs tf_keras (Keras 2): TF_USE_LEGACY_KERAS must be set before tensorflow is imported."""
+    os.environ["TF_USE_LEGACY_KERAS"] = "1"
+    if "tensorflow" in sys.modules:
+        import tensorflow as tf
+
+        version = getattr(getattr(tf, "keras", None), "__version__", "") or ""
+        if version and not version.startswith("2."):
+            raise StepFailed(
+                f"tensorflow was imported with Keras {version} before TF_USE_LEGACY_KERAS=1 could be set; "
+                "TFMOT pruning needs tf_keras (Keras 2): start the step in a fresh process"
+            )
 
 
 def _keras() -> Any:
@@ -37,27 +62,17 @@ def set_seed(seed: int) -> None:
 # -- loading and saving -----------------------------------------------------------------------
 
 
-def _find_in_folder(folder: Path, uri: str) -> tuple[Path, str]:
-    if (folder / "saved_model.pb").is_file():
-        return folder, "savedmodel"
-    candidates = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".keras", ".h5", ".hdf5"))
-    if len(candidates) == 1:
-        return candidates[0], "keras" if candidates[0].suffix.lower() == ".keras" else "h5"
-    saved = sorted(p.parent for p in folder.rglob("saved_model.pb"))
-    if len(saved) == 1 and not candidates:
-        return saved[0], "savedmodel"
-    raise InputError(
-        f"model_uri: {uri} is a folder with {len(candidates)} Keras files and {len(saved)} SavedModels; "
-        "expected exactly one model"
-    )
-
-
 def load(path: Path, uri: str) -> tuple[Any, str]:
     """(tf_keras model, format: keras | h5 | savedmodel) of a file, SavedModel or MLflow model folder."""
+    from airflow_modelopt.container.runtimes import detect
+
     keras = _keras()
     fmt_from_mlflow = path.is_dir() and (path / "MLmodel").is_file()
     if path.is_dir():
-        path, fmt = _find_in_folder(path, uri)
+        kind, path, _ = detect(path, field="model_uri")
+        if kind not in ("keras", "savedmodel"):
+            raise InputError(f"model_uri: {uri} holds a {kind} model, not a Keras model")
+        fmt = "savedmodel" if kind == "savedmodel" else "keras" if path.suffix.lower() == ".keras" else "h5"
     else:
         suffix = path.suffix.lower()
         if suffix == ".keras":
@@ -71,6 +86,7 @@ def load(path: Path, uri: str) -> tuple[Any, str]:
                 raise InputError(f"model_uri: {uri} is neither a .keras archive nor an HDF5 (.h5) Keras file")
             named = path.with_name(path.name + (".keras" if fmt == "keras" else ".h5"))
             shutil.copyfile(path, named)
+            path = named
             path = named
     try:
         model = keras.models.load_model(str(path), compile=False)
@@ -193,66 +209,6 @@ def weight_sparsity(model: Any, names: list[str]) -> tuple[float, int, int, dict
     return (zeros / total if total else 0.0), zeros, total, per_layer
 
 
-# -- FLOPs ------------------------------------------------------------------------------------
-
-
-def _all_layers(model: Any) -> list[Any]:
-    keras = _keras()
-    out = []
-    for layer in model.layers:
-        out.extend(_all_layers(layer) if isinstance(layer, keras.Model) else [layer])
-    return out
-
-
-def _prod(values: Any) -> int | None:
-    total = 1
-    for v in values:
-        if v is None:
-            return None
-        total *= int(v)
-    return total
-
-
-def layer_flops(layer: Any) -> int:
-    """Multiply-accumulates plus bias adds of one sample through a Conv or Dense layer (else 0)."""
-    keras = _keras()
-    layers = keras.layers
-    try:
-        ishape, oshape = layer.input_shape, layer.output_shape
-    except (AttributeError, RuntimeError):  # a layer used several times: shapes are ambiguous
-        return 0
-    if isinstance(ishape, list) or isinstance(oshape, list):
-        return 0
-    if isinstance(layer, layers.Dense):
-        lead = _prod(ishape[1:-1]) or 1
-        return lead * int(ishape[-1]) * layer.units + (lead * layer.units if layer.use_bias else 0)
-    convs = (layers.Conv1D, layers.Conv2D, layers.Conv3D, layers.SeparableConv1D, layers.SeparableConv2D,
-             layers.DepthwiseConv2D, layers.Conv1DTranspose, layers.Conv2DTranspose, layers.Conv3DTranspose)
-    if not isinstance(layer, convs):
-        return 0
-    last = getattr(layer, "data_format", "channels_last") != "channels_first"
-    cin = ishape[-1] if last else ishape[1]
-    cout = oshape[-1] if last else oshape[1]
-    out_spatial = _prod(oshape[1:-1] if last else oshape[2:])
-    in_spatial = _prod(ishape[1:-1] if last else ishape[2:])
-    kernel = _prod(layer.kernel_size)
-    if None in (cin, cout, out_spatial, in_spatial, kernel):
-        return 0
-    bias = out_spatial * cout if layer.use_bias else 0
-    if isinstance(layer, (layers.Conv1DTranspose, layers.Conv2DTranspose, layers.Conv3DTranspose)):
-        return in_spatial * cin * cout * kernel + bias
-    if isinstance(layer, layers.DepthwiseConv2D):
-        return out_spatial * cin * layer.depth_multiplier * kernel + bias
-    if isinstance(layer, (layers.SeparableConv1D, layers.SeparableConv2D)):
-        mid = cin * layer.depth_multiplier
-        return out_spatial * (mid * kernel + mid * cout) + bias
-    return out_spatial * cout * kernel * cin // getattr(layer, "groups", 1) + bias
-
-
-def count_flops(model: Any) -> float:
-    return float(sum(layer_flops(layer) for layer in _all_layers(model)))
-
-
 # -- pruning ----------------------------------------------------------------------------------
 
 
@@ -366,3 +322,82 @@ def accuracy(model: Any, x: dict[str, np.ndarray], y: np.ndarray, names: list[st
     if out.ndim != 2:
         raise InputError(f"eval_data_uri: accuracy needs a (batch, classes) output; the model gives {list(out.shape)}")
     return float((out.argmax(axis=1) == y).mean())
+
+
+# -- the Keras path ---------------------------------------------------------------------------
+
+
+def run_keras(spec: PruneSpec, ctx: StepContext, path: Path) -> StepOutput:
+    use_legacy_keras()
+    train = common.load_data(ctx, "train_data_uri", labels_required=False)
+    evaluation = common.load_data(ctx, "eval_data_uri", labels_required=True)
+    assert train is not None  # option_conflicts refused a Keras model without training data
+    epochs = spec.epochs_for("keras")
+    signal = common.fine_tune_signal(spec, epochs, has_labels=train[1] is not None)
+    if signal != "labels":
+        raise InputError(
+            "train_data_uri: Keras pruning (prune_low_magnitude) fine-tunes on labels under 'y' only; "
+            "distillation from the unpruned model is PyTorch-only"
+            + (": give labelled training data" if train[1] is None else ": leave distill unset or false")
+        )
+    y = train[1]
+    set_seed(spec.seed)
+    model, fmt = load(path, spec.model_uri)
+    names = input_names(model)
+    train_x = model_arrays(model, train[0], names, "train_data_uri")
+    eval_x = model_arrays(model, evaluation[0], names, "eval_data_uri") if evaluation else None
+    ignored = check_ignored(model, spec.ignored_layers)
+    ctx.log.info("Loaded Keras model (%s) with inputs %s", fmt, {n: list(a.shape[1:]) for n, a in train_x.items()})
+
+    before_path = save(model, fmt, ctx.workdir / "before")
+    bytes_before, gzip_before = common.size_of(before_path)
+    sparsity_before = weight_sparsity(model, prunable_layer_names(model, ignored))[0]
+    params_before, flops_before = model.count_params(), count_flops(model)
+    acc_before = accuracy(model, eval_x, evaluation[1], names) if evaluation else None
+    ctx.log.info("Before: %d parameters, %.0f FLOPs, %d bytes (%d gzipped), accuracy %s",
+                 params_before, flops_before, bytes_before, gzip_before, acc_before)
+
+    schedule = schedule_for(spec, epochs=epochs, samples=len(y))
+    ctx.log.info("PolynomialDecay %s over %d steps", schedule, schedule["total_steps"])
+    if schedule["last_update_step"] != schedule["end_step"]:
+        ctx.log.warning(
+            "The last pruning update is at step %d, before end_step %d ((end_step - begin_step) is not a multiple "
+            "of frequency %d): the final sparsity %.3f is not applied; the measured sparsity will say what was",
+            schedule["last_update_step"], schedule["end_step"], schedule["frequency"], spec.sparsity)
+    common.record_signal(ctx, spec, signal)
+    started = time.monotonic()
+    wrapped, pruned_names = wrap(model, schedule, ignored)
+    losses = fine_tune(wrapped, train_x, y, names, epochs=epochs, lr=spec.learning_rate,
+                       batch_size=spec.batch_size, log=ctx.log)
+    stripped = strip(wrapped)
+    tune_time = time.monotonic() - started
+
+    out_path = save(stripped, fmt, ctx.workdir / "out")
+    bytes_after, gzip_after = common.size_of(out_path)
+    sparsity, zeros, total, per_layer = weight_sparsity(stripped, pruned_names)
+    params_after, flops_after = stripped.count_params(), count_flops(stripped)
+    metrics = common.reached(sparsity, sparsity_before, zeros, total,
+                             params=(params_before, params_after), flops=(flops_before, flops_after),
+                             bytes=(bytes_before, bytes_after), gzip_bytes=(gzip_before, gzip_after))
+    if evaluation:
+        metrics["accuracy_before"] = float(acc_before)
+        metrics["accuracy_after"] = accuracy(stripped, eval_x, evaluation[1], names)
+        metrics["accuracy_drop"] = metrics["accuracy_before"] - metrics["accuracy_after"]
+    metrics.update({"fine_tune_epochs": float(epochs), "fine_tune_time_s": tune_time,
+                    "pruning_end_step": float(schedule["end_step"])})
+    if losses:
+        metrics["fine_tune_loss"] = losses[-1]
+    ctx.log.info("After: %d parameters, %.0f FLOPs, %d bytes (%d gzipped), sparsity %.4f, accuracy %s",
+                 params_after, flops_after, bytes_after, gzip_after, sparsity, metrics.get("accuracy_after"))
+    common.check_gate(spec, metrics)
+
+    report = {"framework": "keras", "method": "unstructured", "format": fmt, "input_names": names,
+              "schedule": schedule, "pruned_layers": pruned_names, "ignored_layers": ignored,
+              "layers": per_layer, "fine_tune_signal": signal, "fine_tune_losses": losses}
+    common.log_epoch_losses(ctx, losses)
+    # A SavedModel is a folder: logged as model/<its name>, like a file is logged as model/<file name>.
+    model_uri = ctx.log_artifact(out_path, f"model/{out_path.name}" if out_path.is_dir() else "model")
+    artifacts = {"keras_model": model_uri, "prune_report": ctx.log_dict(report, "prune_report.json")}
+    info = {"framework": "keras", "method": "unstructured", "format": fmt, "input_names": names,
+            "schedule": json.loads(json.dumps(schedule)), "fine_tune_signal": signal}
+    return StepOutput(artifacts=artifacts, metrics=metrics, info=info)

@@ -1,0 +1,74 @@
+"""The pipeline's up-front check: each selected target's gate refuses, before any build runs, a
+target whose inputs are missing (calibration data, evaluation data, a GPU for TensorRT in local
+mode), naming what is missing; a failed gate does not stop the other targets' shared export."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import pytest
+
+from airflow_modelopt.pipelines import target_needs, target_problems
+
+DATA = {"calibration_data_uri": "runs:/r/data/calibration.npz", "eval_data_uri": "runs:/r/data/eval.npz"}
+
+
+def test_needs_are_read_from_the_targets_builds():
+    assert target_needs("onnx_fp32") == {"eval_data"}
+    assert target_needs("onnx_int8_static") == {"eval_data", "calibration_data"}
+    assert target_needs("pruned_onnx_int8") == {"eval_data", "calibration_data", "training_data"}
+    assert target_needs("tensorrt_fp16") == {"eval_data", "gpu"}
+
+
+def test_complete_inputs_pass():
+    assert target_problems("pruned_onnx_int8", **DATA) == []  # the calibration split stands in for training data
+    assert target_problems("tensorrt_int8", **DATA, execution_mode="local", gpu=True) == []
+    assert target_problems("tensorrt_int8", **DATA, execution_mode="kubernetes", gpu=False) == []
+
+
+@pytest.mark.parametrize(("target", "inputs", "message"), [
+    ("onnx_int8_static", {"calibration_data_uri": "", "eval_data_uri": "e.npz"},
+     "calibration_data_uri: not given; onnx_int8_static is quantized with calibration data"),
+    ("onnx_fp32", {"calibration_data_uri": "c.npz", "eval_data_uri": "None"},
+     "eval_data_uri: not given; every target is validated and benchmarked on it"),
+    ("pruned_onnx_int8", {"calibration_data_uri": None, "eval_data_uri": "e.npz", "train_data_uri": ""},
+     "train_data_uri: not given, nor calibration_data_uri to stand in"),
+])
+def test_missing_data_is_named(target, inputs, message):
+    problems = target_problems(target, **inputs)
+    assert any(message in p for p in problems), problems
+
+
+def test_tensorrt_in_local_mode_without_a_gpu_is_refused():
+    problems = target_problems("tensorrt_fp16", **DATA, execution_mode="local", gpu=False)
+    assert problems and "needs an NVIDIA GPU" in problems[0] and "local mode" in problems[0]
+
+
+def dag_with_pipeline(**kwargs):
+    from airflow.sdk import DAG
+
+    from airflow_modelopt.pipelines import optimization_pipeline
+
+    with DAG("pipeline_check_test", schedule=None, start_date=datetime(2026, 1, 1)) as dag:
+        optimization_pipeline(model_uri="/m/model.pt2", registered_model_name="m",
+                              targets=["onnx_fp32", "tensorrt_fp16"], **kwargs)
+    return dag
+
+
+def test_the_gate_task_fails_its_branch_without_retry_naming_the_reason(monkeypatch):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    import airflow_modelopt.pipelines as pipelines
+
+    monkeypatch.setattr(pipelines, "gpu_visible", lambda: False)
+    dag = dag_with_pipeline(calibration_data_uri="c.npz", eval_data_uri="e.npz", execution_mode="local")
+    gate = dag.get_task("optimize.target_tensorrt_fp16")
+    assert gate.retries == 0
+    assert gate.downstream_task_ids == {"optimize.export_onnx", "optimize.tensorrt_fp16"}
+    with pytest.raises(AirflowFailException, match=r"target 'tensorrt_fp16' cannot be built: .*needs an NVIDIA GPU"):
+        gate.python_callable(*gate.op_args, **gate.op_kwargs)
+    ok = dag.get_task("optimize.target_onnx_fp32")
+    ok.python_callable(*ok.op_args, **ok.op_kwargs)  # nothing missing: passes
+    # The shared export runs when any gate passed, even though another one failed.
+    assert dag.get_task("optimize.export_onnx").trigger_rule == "all_done_min_one_success"
+    assert dag.get_task("optimize.tensorrt_fp16").trigger_rule == "all_success"

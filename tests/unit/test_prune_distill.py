@@ -1,0 +1,103 @@
+"""The prune step's fine-tune without labels: the distillation loss, which signal a spec picks, and
+a short distillation that really moves a student towards its teacher."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import pytest
+
+from airflow_modelopt.container.steps.prune.common import fine_tune_signal
+from airflow_modelopt.container.steps.prune.fine_tune import distillation_loss, fine_tune
+from airflow_modelopt.exceptions import InputError
+from airflow_modelopt.specs import parse_spec
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+
+def spec(**fields):
+    return parse_spec("prune", {"model_uri": "runs:/abc/model/model.pt2", **fields})
+
+
+def test_kl_term_is_zero_for_the_teacher_itself_and_scaled_by_t_squared():
+    gen = torch.Generator().manual_seed(0)
+    teacher = torch.randn(8, 5, generator=gen)
+    student = torch.randn(8, 5, generator=gen)
+    assert float(distillation_loss([teacher], [teacher], temperature=3.0)) == pytest.approx(0.0, abs=1e-6)
+    t = 2.0
+    expected = F.kl_div(F.log_softmax(student / t, 1), F.softmax(teacher / t, 1), reduction="batchmean") * t * t
+    assert float(distillation_loss([student], [teacher], temperature=t)) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_hard_labels_are_mixed_in_by_alpha():
+    gen = torch.Generator().manual_seed(1)
+    teacher, student = torch.randn(6, 4, generator=gen), torch.randn(6, 4, generator=gen)
+    labels = torch.tensor([0, 1, 2, 3, 0, 1])
+    kd = float(distillation_loss([student], [teacher], temperature=4.0))
+    ce = float(F.cross_entropy(student, labels))
+    mixed = float(distillation_loss([student], [teacher], labels, temperature=4.0, alpha=0.25))
+    assert mixed == pytest.approx(0.25 * kd + 0.75 * ce, rel=1e-5)
+    assert float(distillation_loss([student], [teacher], labels, alpha=0.0)) == pytest.approx(ce, rel=1e-5)
+
+
+def test_non_classifier_outputs_are_matched_by_mean_squared_error():
+    gen = torch.Generator().manual_seed(2)
+    teacher = [torch.randn(2, 3, 4, 4, generator=gen), torch.randn(2, 7, generator=gen)]
+    student = [torch.randn(2, 3, 4, 4, generator=gen), torch.randn(2, 7, generator=gen)]
+    expected = (F.mse_loss(student[0], teacher[0]) + F.mse_loss(student[1], teacher[1])) / 2
+    assert float(distillation_loss(student, teacher)) == pytest.approx(float(expected), rel=1e-5)
+    with pytest.raises(ValueError, match="labels need a classifier"):
+        distillation_loss(student, teacher, torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize(("fields", "has_labels", "signal"), [
+    ({}, True, "labels"),
+    ({}, False, "distillation"),
+    ({"distill": True}, True, "distillation+labels"),
+    ({"distill": True}, False, "distillation"),
+    ({"distill": False}, True, "labels"),
+])
+def test_signal_follows_distill_and_the_labels(fields, has_labels, signal):
+    assert fine_tune_signal(spec(train_data_uri="runs:/a/t.npz", **fields), 3, has_labels) == signal
+    assert fine_tune_signal(spec(**fields), 0, has_labels) == "none"
+
+
+def test_no_labels_and_no_distillation_is_refused_naming_the_field():
+    with pytest.raises(InputError, match=r"train_data_uri: has no labels under 'y' and distill is false"):
+        fine_tune_signal(spec(train_data_uri="runs:/a/t.npz", distill=False, fine_tune_epochs=2), 2, False)
+
+
+def test_distill_fields_are_checked_in_the_spec():
+    from airflow_modelopt.exceptions import SpecError
+
+    with pytest.raises(SpecError, match=r"distill_temperature: Input should be greater than 0"):
+        spec(distill_temperature=0)
+    with pytest.raises(SpecError, match=r"distill_alpha: Input should be less than or equal to 1"):
+        spec(distill_alpha=1.5)
+    with pytest.raises(SpecError, match=r"distill: true needs fine_tune_epochs of at least 1"):
+        spec(distill=True, fine_tune_epochs=0)
+    with pytest.raises(SpecError, match=r"distill: distillation is PyTorch-only"):
+        spec(model_uri="runs:/a/model.keras", train_data_uri="runs:/a/t.npz", distill=True)
+
+
+def test_distillation_without_labels_moves_the_student_to_the_teacher():
+    torch.manual_seed(0)
+    teacher_net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    student = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    x = np.random.default_rng(0).normal(size=(256, 6)).astype(np.float32)
+    with torch.no_grad():
+        teacher = [teacher_net(torch.from_numpy(x)).numpy()]
+
+    def agreement() -> float:
+        with torch.no_grad():
+            return float((student(torch.from_numpy(x)).argmax(1).numpy() == teacher[0].argmax(1)).mean())
+
+    before = agreement()
+    losses = fine_tune(student, {"x": x}, ["x"], labels=None, teacher=teacher, temperature=2.0, alpha=0.5,
+                       epochs=30, lr=1e-2, batch_size=64, seed=0, log=logging.getLogger("test"))
+    assert len(losses) == 30 and all(math.isfinite(v) for v in losses)
+    assert losses[-1] < 0.2 * losses[0]
+    assert agreement() > max(0.8, before + 0.3)  # from about 1 in 3 to most samples
