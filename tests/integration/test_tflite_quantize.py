@@ -287,6 +287,18 @@ def test_onnx_fp32_matches_torch_fed_nhwc(onnx_fp32, reference, mlflow_server, t
     measured("onnx fp32", onnx_fp32, logits, reference)
     assert np.max(np.abs(logits - reference["logits"])) < 1e-4
     assert onnx_fp32["metrics"]["max_abs_error"] < 1e-4
+    assert onnx_fp32["metrics"]["top1_agreement"] == 1.0
+
+
+def test_onnx_source_bytes_count_the_graph_and_its_external_data(onnx_fp32, example_onnx, mlflow_server, tmp_path):
+    import onnx
+
+    src = download(example_onnx["artifacts"]["onnx_model"], mlflow_server, tmp_path / "onnx") / "model.onnx"
+    model = onnx.load(str(src), load_external_data=False)
+    data = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
+    assert data, "the example ONNX model keeps its weights in external data"
+    expected = src.stat().st_size + sum((src.parent / name).stat().st_size for name in data)
+    assert onnx_fp32["metrics"]["source_bytes"] == expected, "graph + external data, no MLflow metadata files"
 
 
 def test_onnx_full_int8_with_uint8_io(onnx_fp32, example_onnx, example_model, reference, mlflow_server, tmp_path):

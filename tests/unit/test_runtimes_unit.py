@@ -315,7 +315,7 @@ def test_tensorrt_runtime_with_fake_tensorrt_module_no_gpu(tmp_path, monkeypatch
 
     memory, calls = _HostMemory(), []
     monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt(memory, calls))
-    monkeypatch.setattr(tensorrt_backend, "_device_api", lambda: memory)
+    monkeypatch.setattr(tensorrt_backend, "device_memory", lambda: memory)
     folder = tmp_path / "engine"
     folder.mkdir()
     (folder / "model.engine").write_bytes(b"fake-engine")

@@ -538,3 +538,88 @@ def test_model_and_timing_cache_inputs_are_located_or_refused(tmp_path, onnx_mod
     (tmp_path / "empty.cache").write_bytes(b"")
     with pytest.raises(InputError, match=r"timing_cache_uri: /x/empty.cache is an empty file"):
         step.read_timing_cache(tmp_path / "empty.cache", "/x/empty.cache")
+
+
+# -- the CUDA wrapper the step and the TensorRT runtime share (runtimes/cuda.py) ----------------
+
+
+class FakeCudart:
+    """cuda-python's runtime API as far as the wrapper and the GPU probe use it: (error, value) tuples."""
+
+    class cudaError_t(int):
+        @property
+        def name(self):
+            return {0: "cudaSuccess", 2: "cudaErrorMemoryAllocation", 100: "cudaErrorNoDevice"}[int(self)]
+
+    cudaMemcpyKind = types.SimpleNamespace(cudaMemcpyHostToDevice=1, cudaMemcpyDeviceToHost=2)
+
+    def __init__(self, *, devices=1, fail_malloc_over=None):
+        self.devices, self.fail_malloc_over = devices, fail_malloc_over
+        self.calls = []
+
+    def cudaGetErrorString(self, err):
+        return self.cudaError_t(0), {2: b"out of memory", 100: b"no CUDA-capable device is detected"}[int(err)]
+
+    def cudaGetDeviceCount(self):
+        if not self.devices:
+            return self.cudaError_t(100), 0
+        return self.cudaError_t(0), self.devices
+
+    def cudaGetDeviceProperties(self, i):
+        props = types.SimpleNamespace(name=b"Fake H100\0\0junk", major=9, minor=0, totalGlobalMem=80 << 30)
+        return self.cudaError_t(0), props
+
+    def cudaSetDevice(self, i):
+        self.calls.append(("set_device", i))
+        return (self.cudaError_t(0),)
+
+    def cudaMalloc(self, n):
+        if self.fail_malloc_over is not None and n > self.fail_malloc_over:
+            return self.cudaError_t(2), 0
+        self.calls.append(("malloc", n))
+        return self.cudaError_t(0), 0xBEEF
+
+    def cudaMemcpy(self, dst, src, n, kind):
+        self.calls.append(("memcpy", dst, n, kind))
+        return (self.cudaError_t(0),)
+
+    def cudaFree(self, p):
+        self.calls.append(("free", p))
+        return (self.cudaError_t(0),)
+
+
+def test_cuda_memory_copies_calibration_batches_and_names_a_failing_call():
+    from airflow_modelopt.container.runtimes.cuda import CudaMemory
+
+    rt = FakeCudart(fail_malloc_over=1 << 20)
+    memory = CudaMemory(rt)
+    memory.set_device(0)
+    pointer = memory.alloc(256)
+    memory.copy_to_device(pointer, np.ones((8, 8), np.float32))
+    memory.free(pointer)
+    assert rt.calls == [("set_device", 0), ("malloc", 256), ("memcpy", 0xBEEF, 256, 1), ("free", 0xBEEF)]
+    with pytest.raises(StepFailed, match=r"CUDA cudaMalloc\(4194304\) failed: cudaErrorMemoryAllocation: out of memory") as err:
+        memory.alloc(4 << 20)
+    assert err.value.retryable, "another GPU or a retry may have the memory"
+
+
+def test_the_build_step_and_the_tensorrt_runtime_use_the_one_cuda_wrapper():
+    from airflow_modelopt.container.runtimes import cuda, tensorrt_backend
+    from airflow_modelopt.container.steps.tensorrt_build import environment
+
+    assert tensorrt_backend.device_memory is cuda.device_memory
+    assert environment.CudaMemory is cuda.CudaMemory
+    assert not hasattr(tensorrt_backend, "_CudaPython") and not hasattr(step, "CudaMemory")
+
+
+def test_gpu_status_reads_the_devices_through_cuda_python(monkeypatch):
+    from airflow_modelopt.container.runtimes import cuda, probe
+
+    monkeypatch.setattr(cuda, "cudart", lambda: FakeCudart(devices=2))
+    info = probe.gpu_status()
+    assert (info.count, info.names, info.compute_capabilities, info.memory_mb, info.cuda_python) == (
+        2, ["Fake H100", "Fake H100"], ["9.0", "9.0"], [80 << 10, 80 << 10], True)
+    monkeypatch.setattr(cuda, "cudart", lambda: FakeCudart(devices=0))
+    info = probe.gpu_status()
+    assert info.count == 0 and info.reason.startswith(
+        "the CUDA runtime reports cudaErrorNoDevice: no CUDA-capable device is detected")

@@ -89,7 +89,7 @@ def test_operator_refuses_literal_int8_without_calibration_at_parse_time():
 
 
 def test_calibration_check_names_the_input_and_the_expected_shape():
-    from airflow_modelopt.container.steps._tflite_common import TensorIO, check_calibration
+    from airflow_modelopt.container.steps.tflite_quantize.common import TensorIO, check_calibration
 
     inputs = [TensorIO(name="x", shape=[None, 1, 8, 8], layout="NCHW")]
     good = check_calibration({"x": np.zeros((3, 1, 8, 8)), "y": np.zeros(3)}, inputs, field="calibration_data_uri")
@@ -109,7 +109,7 @@ def test_calibration_check_names_the_input_and_the_expected_shape():
 
 
 def test_batches_pad_the_last_one_for_a_fixed_batch_model():
-    from airflow_modelopt.container.steps._tflite_common import batches
+    from airflow_modelopt.container.steps.tflite_quantize.common import batches
 
     data = {"x": np.arange(5, dtype=np.float32)[:, None]}
     got = [b["x"][:, 0].tolist() for b in batches(data, 2, 100)]
@@ -118,7 +118,7 @@ def test_batches_pad_the_last_one_for_a_fixed_batch_model():
 
 
 def test_channel_last_is_decided_by_static_dimensions():
-    from airflow_modelopt.container.steps._tflite_tf import _is_channel_last
+    from airflow_modelopt.container.steps.tflite_quantize.tf_paths import _is_channel_last
 
     assert _is_channel_last([None, 3, 32, 32], [None, 32, 32, 3], default=False) is True
     assert _is_channel_last([None, 3, 32, 32], [None, 3, 32, 32], default=True) is False
@@ -127,7 +127,7 @@ def test_channel_last_is_decided_by_static_dimensions():
 
 
 def test_converter_error_is_reduced_to_the_op_and_the_flex_hint():
-    from airflow_modelopt.container.steps._tflite_tf import converter_error
+    from airflow_modelopt.container.steps.tflite_quantize.tf_paths import converter_error
 
     spec = parse(mode="fp32")
     text = ("<unknown>:0: error: loc(...): 'tf.MatrixDeterminant' op is neither a custom op nor a flex op\n"
@@ -138,3 +138,89 @@ def test_converter_error_is_reduced_to_the_op_and_the_flex_hint():
     assert message.startswith("TFLiteConverter (saved_model, mode fp32) could not convert the model: op "
                               "tf.MatrixDeterminant has no TFLite builtin (it can run as a Flex op: "
                               "FlexMatrixDeterminant; set allow_select_tf_ops=true")
+
+
+# -- what model_uri holds -------------------------------------------------------------------------
+
+
+def _mlflow_folder(root, flavors_yaml: str, files: dict[str, bytes]):
+    root.mkdir()
+    (root / "MLmodel").write_text(f"flavors:\n{flavors_yaml}")
+    for name, content in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(content)
+    return root
+
+
+def test_mlflow_model_folders_are_detected_from_their_flavors(tmp_path):
+    from airflow_modelopt.container.steps.tflite_quantize.source import detect_source
+
+    spec = parse(mode="fp32")
+    pt = _mlflow_folder(tmp_path / "pt", "  pytorch: {model_data: data}\n  python_function: {}\n",
+                        {"data/model.pth": b"w"})
+    found = detect_source(pt, spec)
+    assert (found.format, found.kind, found.path) == ("pytorch", "mlflow_pytorch", pt)
+
+    onnx_dir = _mlflow_folder(tmp_path / "onnx", "  onnx: {data: graph.onnx}\n", {"graph.onnx": b"g", "w.data": b"d"})
+    found = detect_source(onnx_dir, spec)
+    assert (found.format, found.kind, found.path) == ("onnx", "mlflow_onnx", onnx_dir / "graph.onnx")
+
+    sk = _mlflow_folder(tmp_path / "sk", "  sklearn: {pickled_model: model.pkl}\n  python_function: {}\n",
+                        {"model.pkl": b"p"})
+    with pytest.raises(InputError, match=r"model_uri: runs:/abc/model/model.pt2 is an MLflow model of flavor\(s\) \['sklearn'\]; "
+                                         r"this step converts the pytorch, onnx and tensorflow flavors"):
+        detect_source(sk, spec)
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "MLmodel").write_text("flavors: [unclosed\n")
+    with pytest.raises(InputError, match=r"model_uri: runs:/abc/model/model.pt2 has an unreadable MLmodel file"):
+        detect_source(broken, spec)
+
+
+def test_source_format_must_match_what_model_uri_holds(tmp_path):
+    from airflow_modelopt.container.steps.tflite_quantize.source import detect_source
+
+    (tmp_path / "m.onnx").write_bytes(b"g")
+    with pytest.raises(InputError, match=r"source_format='tensorflow' but model_uri runs:/abc/model/model.pt2 holds a onnx model"):
+        detect_source(tmp_path / "m.onnx", parse(mode="fp32", source_format="tensorflow"))
+    (tmp_path / "m.tflite").write_bytes(b"TFL3")
+    with pytest.raises(InputError, match=r"model_uri: runs:/abc/model/model.pt2 is already a TFLite model"):
+        detect_source(tmp_path / "m.tflite", parse(mode="fp32"))
+
+
+def test_source_bytes_leave_out_mlflow_metadata_and_count_onnx_external_data(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from airflow_modelopt.container.steps.tflite_quantize.source import detect_source, source_bytes
+
+    pt = _mlflow_folder(tmp_path / "pt", "  pytorch: {model_data: data}\n",
+                        {"data/model.pth": b"w" * 1000, "requirements.txt": b"torch\n" * 50, "conda.yaml": b"x" * 300})
+    assert source_bytes(detect_source(pt, parse(mode="fp32"))) == 1000
+    w = numpy_helper.from_array(np.ones((64, 10), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 10])], [w])
+    folder = _mlflow_folder(tmp_path / "onnx", "  onnx: {data: model.onnx}\n", {"conda.yaml": b"x" * 300})
+    onnx.save(helper.make_model(graph), folder / "model.onnx", save_as_external_data=True, location="weights.bin",
+              size_threshold=0)
+    (folder / "unrelated.bin").write_bytes(b"u" * 5000)
+    expected = (folder / "model.onnx").stat().st_size + (folder / "weights.bin").stat().st_size
+    assert (folder / "weights.bin").stat().st_size == 64 * 10 * 4
+    assert source_bytes(detect_source(folder, parse(mode="fp32"))) == expected
+
+
+def test_options_that_do_not_apply_to_the_detected_source_are_refused(tmp_path):
+    from airflow_modelopt.container.steps.tflite_quantize.source import detect_source, make_path
+
+    (tmp_path / "m.pt2").write_bytes(b"pt2")
+    (tmp_path / "k.keras").write_bytes(b"keras")
+    pt2 = detect_source(tmp_path / "m.pt2", parse(mode="fp32"))
+    with pytest.raises(InputError, match=r"keep_nchw applies to ONNX sources only; litert-torch keeps"):
+        make_path(pt2, parse(mode="fp32", keep_nchw=True), tmp_path)
+    with pytest.raises(InputError, match=r"allow_select_tf_ops applies to the TensorFlow and ONNX paths only"):
+        make_path(pt2, parse(mode="fp32", allow_select_tf_ops=True), tmp_path)
+    keras = detect_source(tmp_path / "k.keras", parse(mode="fp32"))
+    with pytest.raises(InputError, match=r"keep_nchw applies to ONNX sources only; model_uri holds a TensorFlow"):
+        make_path(keras, parse(mode="fp32", keep_nchw=True), tmp_path)

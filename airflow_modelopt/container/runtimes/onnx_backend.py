@@ -1,12 +1,20 @@
 """ONNX Runtime: CPU execution provider, plus TensorRT and CUDA providers with ``device="auto"``
 when the installed onnxruntime has them. External data beside the .onnx file is found by ORT.
 
-Graph optimizations stay at ONNX Runtime's default (all), as a deployment would run them.
+Graph optimizations stay at ONNX Runtime's default (all), as a deployment would run them. Thread
+counts are explicit: ``threads`` intra-op threads, one inter-op thread, sequential execution. The
+intra-op pool's threads spin after each run (ORT's default, as deployed); measurements therefore
+keep one session alive at a time (``airflow_modelopt.container.measure.time_models``): a session
+that ran recently keeps a core busy spinning, which puts the timed session's threads on one core.
+
+``onnx_files(path)`` lists a model's files (the .onnx and the external data it references) without a
+session; ``OnnxRuntime.model_files`` uses it.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -22,6 +30,35 @@ _ORT_TYPES = {
 
 #: Providers tried in this order with device="auto"; CPU is always last.
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+
+
+def external_data_paths(model: Any, folder: Path) -> list[Path]:
+    """The files a loaded ``ModelProto``'s tensors keep their data in (initializers, subgraphs and
+    attribute tensors), relative to the model file's ``folder``; whether they exist or not."""
+    import onnx
+
+    found: dict[str, Path] = {}
+    for tensor in onnx.external_data_helper._get_all_tensors(model):  # noqa: SLF001 - includes subgraphs
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            location = next((e.value for e in tensor.external_data if e.key == "location"), None)
+            if location:
+                found.setdefault(location, folder / location)
+    return list(found.values())
+
+
+def onnx_files(path: Path, model: Any = None) -> list[Path]:
+    """The .onnx file and the external data files it references that exist, without a session
+    (bytes on disk). ``model``: the graph already loaded (``load_external_data=False``), if at hand."""
+    import onnx
+
+    path = Path(path)
+    if model is None:
+        try:
+            model = onnx.load(str(path), load_external_data=False)
+        except Exception:  # noqa: BLE001 - not readable as ONNX: count the file alone
+            return [path]
+    files = {path, *external_data_paths(model, path.parent)}
+    return sorted(f for f in files if f.is_file())
 
 
 def _spec(arg: object) -> TensorSpec:
@@ -59,19 +96,7 @@ class OnnxRuntime(Runtime):
 
     def model_files(self) -> list[Path]:
         """The .onnx file and the external data files it references."""
-        import onnx
-
-        files = {self.path}
-        try:
-            model = onnx.load(str(self.path), load_external_data=False)
-        except Exception:  # noqa: BLE001 - ORT loaded it; count the file alone
-            return [self.path]
-        for tensor in model.graph.initializer:
-            if tensor.data_location == onnx.TensorProto.EXTERNAL:
-                for entry in tensor.external_data:
-                    if entry.key == "location":
-                        files.add(self.path.parent / entry.value)
-        return sorted(f for f in files if f.is_file())
+        return onnx_files(self.path)
 
     def close(self) -> None:
         self.session = None

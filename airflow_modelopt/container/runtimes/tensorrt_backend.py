@@ -3,113 +3,24 @@ name-based I/O API (``num_io_tensors``, ``set_input_shape``, ``set_tensor_addres
 ``execute_async_v3``).
 
 Needs the ``tensorrt`` Python package, an NVIDIA GPU, and device memory through
-``cuda-python`` (``cuda.bindings.runtime`` / ``cuda.cudart``) or, failing that, torch's CUDA
-allocator. Engines are specific to the TensorRT version and GPU that built them. Dynamic inputs
-follow optimization profile 0: batches above its maximum are fed in chunks. int8 I/O scales are
+``runtimes/cuda.py`` (cuda-python or, failing that, torch's CUDA allocator). Engines are specific
+to the TensorRT version and GPU that built them. Dynamic inputs follow optimization profile 0:
+batches above its maximum are fed in chunks. int8 I/O scales are
 not stored in an engine in a form the API returns, so they come from ``modelopt_signature.json``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from airflow_modelopt.container.runtimes.base import Runtime
+from airflow_modelopt.container.runtimes.cuda import device_memory
 from airflow_modelopt.container.signature import ModelSignature, TensorSpec
 
 NEEDS = ("a TensorRT engine needs the tensorrt Python package and an NVIDIA GPU: run this step in the "
          "'tensorrt' image on a GPU node")
-
-
-class _CudaPython:
-    """Device memory and streams through cuda-python's runtime API."""
-
-    def __init__(self) -> None:
-        try:
-            from cuda.bindings import runtime as cudart
-        except ImportError:
-            from cuda import cudart  # cuda-python < 12.6
-        self.rt = cudart
-
-    def _check(self, result: Any) -> Any:
-        err, *rest = result if isinstance(result, tuple) else (result,)
-        if int(err) != 0:
-            raise RuntimeError(f"CUDA error {err}")
-        return rest[0] if len(rest) == 1 else rest
-
-    def stream(self) -> int:
-        return self._check(self.rt.cudaStreamCreate())
-
-    def alloc(self, nbytes: int) -> int:
-        return int(self._check(self.rt.cudaMalloc(max(nbytes, 1))))
-
-    def free(self, ptr: int) -> None:
-        self.rt.cudaFree(ptr)
-
-    def to_device(self, ptr: int, host: np.ndarray, stream: Any) -> None:
-        kind = self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice
-        self._check(self.rt.cudaMemcpyAsync(ptr, host.ctypes.data, host.nbytes, kind, stream))
-
-    def to_host(self, host: np.ndarray, ptr: int, stream: Any) -> None:
-        kind = self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        self._check(self.rt.cudaMemcpyAsync(host.ctypes.data, ptr, host.nbytes, kind, stream))
-
-    def sync(self, stream: Any) -> None:
-        self._check(self.rt.cudaStreamSynchronize(stream))
-
-    def handle(self, stream: Any) -> int:
-        return int(stream)
-
-
-class _TorchCuda:
-    """The same through torch's CUDA allocator, for images that ship torch but not cuda-python."""
-
-    def __init__(self) -> None:
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ImportError("torch sees no CUDA device")
-        self.torch = torch
-        self._buffers: dict[int, Any] = {}
-
-    def stream(self) -> Any:
-        return self.torch.cuda.Stream()
-
-    def alloc(self, nbytes: int) -> int:
-        buf = self.torch.empty(max(nbytes, 1), dtype=self.torch.uint8, device="cuda")
-        self._buffers[buf.data_ptr()] = buf
-        return buf.data_ptr()
-
-    def free(self, ptr: int) -> None:
-        self._buffers.pop(ptr, None)
-
-    def to_device(self, ptr: int, host: np.ndarray, stream: Any) -> None:
-        with self.torch.cuda.stream(stream):
-            src = self.torch.from_numpy(host.reshape(-1).view(np.uint8))
-            self._buffers[ptr][: host.nbytes].copy_(src, non_blocking=False)
-
-    def to_host(self, host: np.ndarray, ptr: int, stream: Any) -> None:
-        stream.synchronize()
-        host.reshape(-1).view(np.uint8)[:] = self._buffers[ptr][: host.nbytes].cpu().numpy()
-
-    def sync(self, stream: Any) -> None:
-        stream.synchronize()
-
-    def handle(self, stream: Any) -> int:
-        return int(stream.cuda_stream)
-
-
-def _device_api() -> Any:
-    """Device memory for the engine's I/O: cuda-python, else torch."""
-    errors = []
-    for cls in (_CudaPython, _TorchCuda):
-        try:
-            return cls()
-        except ImportError as exc:
-            errors.append(f"{cls.__name__.strip('_')}: {exc}")
-    raise ImportError("no CUDA memory API: install cuda-python (or torch with CUDA); " + "; ".join(errors))
 
 
 class TensorRTRuntime(Runtime):
@@ -123,7 +34,7 @@ class TensorRTRuntime(Runtime):
             raise ImportError(f"{NEEDS} (import tensorrt failed: {exc})") from None
         super().__init__(path, threads=threads, signature=signature, origin=origin)
         self.trt = trt
-        self.cuda = _device_api()
+        self.cuda = device_memory()
         self.runtime_name = f"tensorrt {getattr(trt, '__version__', '?')} (GPU)"
         self.providers = ["TensorRT"]
         self._logger = trt.Logger(trt.Logger.WARNING)

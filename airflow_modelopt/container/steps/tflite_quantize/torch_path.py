@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from airflow_modelopt.container.steps._tflite_common import (
+from airflow_modelopt.container.steps.tflite_quantize.common import (
     Conversion,
     SourceModel,
     TensorIO,
@@ -246,7 +246,7 @@ def _repoint_signatures(content: bytes, positions: list[tuple[list[int], list[in
 
 
 def _signature_inputs(content: bytes) -> list[str]:
-    from airflow_modelopt.container.steps._tflite_flatbuffer import analyze
+    from airflow_modelopt.container.steps.tflite_quantize.flatbuffer import analyze
 
     return [name for name, _ in analyze(content).signature.inputs]
 

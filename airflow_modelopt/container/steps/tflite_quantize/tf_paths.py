@@ -4,7 +4,8 @@
   SavedModel first) goes through ``tf.lite.TFLiteConverter``.
 - ONNX: onnx2tf turns the graph into a SavedModel, converting channel-first inputs to channel-last
   (NCHW -> NHWC) unless ``keep_nchw``; the SavedModel then takes the TensorFlow path. onnx2tf is
-  never allowed to download its sample images: its test-data hook is replaced by ours.
+  never allowed to download its sample images: its test-data hook is replaced by ours. The ONNX
+  source runs (agreement check) through the runtimes layer (``OnnxRuntime``).
 
 Quantization is TFLiteConverter's own: fp16 weights, dynamic range, or full integer with the
 representative dataset drawn from the calibration data (transposed to the TFLite layout).
@@ -22,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from airflow_modelopt.container.steps._tflite_common import (
+from airflow_modelopt.container.steps.tflite_quantize.common import (
     Conversion,
     SourceModel,
     TensorIO,
@@ -232,7 +233,7 @@ class OnnxPath:
         self.spec = spec
         self.workdir = workdir
         self.model: Any = None
-        self.session: Any = None
+        self.runtime: Any = None  # ONNX Runtime through the runtimes layer, made when first needed
         self.saved: SavedModelConverter | None = None
         self.inputs: list[TensorIO] = []
         self.outputs: list[TensorIO] = []
@@ -254,15 +255,17 @@ class OnnxPath:
         for io_ in (*self.inputs, *self.outputs):
             io_.layout = layout_for(len(io_.shape), False)
 
-    def run_source(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        import onnxruntime as ort
+    def _runtime(self) -> Any:
+        if self.runtime is None:
+            from airflow_modelopt.container.runtimes import load
 
-        if self.session is None:
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = 1
-            self.session = ort.InferenceSession(self.model.SerializeToString(), options,
-                                                providers=["CPUExecutionProvider"])
-        return self.session.run(None, feeds)
+            self.runtime = load(self.source.path, "onnx", threads=1, field="model_uri", origin=self.spec.model_uri)
+        return self.runtime
+
+    def run_source(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        runtime = self._runtime()
+        outs = dict(zip([s.name for s in runtime.outputs], runtime.run_native(feeds)))
+        return [outs[o.name] for o in self.outputs]
 
     def convert(self, calibration: dict[str, np.ndarray] | None, workdir: Path) -> Conversion:
         started = time.monotonic()

@@ -67,14 +67,6 @@ def to_tflite_layout(array: np.ndarray, io_: TensorIO) -> np.ndarray:
     return array
 
 
-def from_tflite_layout(array: np.ndarray, io_: TensorIO) -> np.ndarray:
-    """A TFLite output turned back into the source layout."""
-    if io_.channel_last and array.ndim in TO_CHANNEL_LAST:
-        perm = TO_CHANNEL_LAST[array.ndim]
-        return np.ascontiguousarray(array.transpose(np.argsort(perm)))
-    return array
-
-
 def shape_text(shape: list[int | None] | tuple[int | None, ...]) -> str:
     return "(" + ", ".join("batch" if i == 0 and d is None else ("?" if d is None else str(d))
                            for i, d in enumerate(shape)) + ")"
