@@ -5,7 +5,10 @@ all measure through these functions, so a figure means the same thing wherever i
 
 from __future__ import annotations
 
+import gc
+import statistics
 import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -127,19 +130,91 @@ def latency_stats(ns: list[int], batch: int) -> dict[str, float]:
     }
 
 
-def time_batch(runtime: Any, native: dict[str, np.ndarray], warmup: int, runs: int) -> list[int]:
-    for _ in range(warmup):
-        runtime.run_native(native)
-    times = []
+#: Warm-up goes on until the median time of the last WARMUP_WINDOW runs is within WARMUP_TOLERANCE
+#: of the median of the WARMUP_WINDOW runs before them, for at most WARMUP_MAX_S seconds beyond the
+#: runs asked for.
+WARMUP_WINDOW = 3
+WARMUP_TOLERANCE = 0.10
+WARMUP_MAX_S = 3.0
+
+
+def warm_up(run: Callable[[], object], min_runs: int, *, window: int = WARMUP_WINDOW,
+            tolerance: float = WARMUP_TOLERANCE, max_s: float = WARMUP_MAX_S) -> int:
+    """Untimed calls of ``run`` until its time per call is stable: at least ``min_runs``, then more
+    until the median of the last ``window`` calls is within ``tolerance`` of the median of the
+    ``window`` calls before them, or ``max_s`` seconds have passed beyond the minimum. ``min_runs`` 0
+    means no warm-up at all (cold figures). Returns how many calls were made."""
+    if min_runs <= 0:
+        return 0
     clock = time.perf_counter_ns
-    for _ in range(runs):
+    times: list[int] = []
+    deadline: int | None = None
+    while True:
         start = clock()
-        runtime.run_native(native)
+        run()
         times.append(clock() - start)
+        if len(times) < min_runs:
+            continue
+        if deadline is None:
+            deadline = clock() + int(max_s * 1e9)
+        if len(times) >= 2 * window:
+            recent = statistics.median(times[-window:])
+            before = statistics.median(times[-2 * window : -window])
+            if abs(recent - before) <= tolerance * before:
+                return len(times)
+        if clock() >= deadline:
+            return len(times)
+
+
+def time_batch(runtime: Any, native: dict[str, np.ndarray], warmup: int, runs: int) -> list[int]:
+    """Nanoseconds of ``runs`` timed ``runtime.run_native(native)`` calls (``time.perf_counter_ns``
+    around the call alone; inputs prepared beforehand), after ``warm_up`` (at least ``warmup``
+    untimed calls, more until stable). The garbage collector is paused while timing, as in timeit.
+
+    Time one live model at a time (``time_models`` compares several that way). Another ONNX Runtime
+    session that ran recently still has its intra-op worker spinning (about 25 ms of CPU after each
+    run, ORT's default ``session.intra_op.allow_spinning``); the timed model's worker then wakes on
+    its caller's core, and ORT's spin-waiting parallel sections crawl on one core until Linux's load
+    balancer separates the two threads, some 0.2-0.9 s later: int8 models ran 3.5x slower."""
+    warm_up(lambda: runtime.run_native(native), warmup)
+    clock = time.perf_counter_ns
+    times = []
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(runs):
+            start = clock()
+            runtime.run_native(native)
+            times.append(clock() - start)
+    finally:
+        if collecting:
+            gc.enable()
+    return times
+
+
+def time_models(load: Callable[[str], Any], names: Sequence[str], feeds: Mapping[str, np.ndarray], warmup: int,
+                runs: int, rounds: int = 3) -> dict[str, list[int]]:
+    """``runs`` timed runs of each named model, measured as ``time_batch`` measures one, so the
+    figures equal what the benchmark step gives for each model alone. In each of ``rounds`` rounds
+    every model in turn is loaded (``load(name)`` returns a Runtime with its thread count set),
+    warmed up until stable, timed for its share of the runs and closed: only the model being timed
+    is alive (no idle thread pool spins on the cores it needs), and drift in the machine's load
+    over the measurement hits every model alike. ``feeds``: the logical inputs (``Runtime.prepare``)."""
+    rounds = max(1, min(rounds, runs))
+    shares = [runs // rounds + (1 if r < runs % rounds else 0) for r in range(rounds)]
+    times: dict[str, list[int]] = {name: [] for name in names}
+    for share in shares:
+        for name in names:
+            runtime = load(name)
+            try:
+                times[name] += time_batch(runtime, runtime.prepare(dict(feeds)), warmup, share)
+            finally:
+                runtime.close()
+                del runtime
     return times
 
 
 __all__ = [
     "agreement", "allclose_violations", "classification_metrics", "cosine", "is_classifier", "latency_stats",
-    "output_metrics", "time_batch",
+    "output_metrics", "time_batch", "time_models", "warm_up",
 ]

@@ -3,9 +3,11 @@
 1. Load the model through ``airflow_modelopt.container.runtimes`` with the given thread count. Inputs come
    from the data artifact (first samples, repeated to fill a batch) or, without one, random
    normal values shaped by the model's inputs.
-2. Per batch size: ``warmup_runs`` untimed runs, then ``timed_runs`` timed ones
-   (``time.perf_counter_ns`` around the runtime call alone; inputs are converted to the model's
-   layout and dtype beforehand). Latency mean, p50, p95, p99, min, max; throughput in items/s.
+2. Per batch size: at least ``warmup_runs`` untimed runs (more until the time per run is stable),
+   then ``timed_runs`` timed ones (``time.perf_counter_ns`` around the runtime call alone; inputs are
+   converted to the model's layout and dtype beforehand): ``measure.time_batch``, the one way every
+   step times a model (the ONNX quantization search too). Latency mean, p50, p95, p99, min, max;
+   throughput in items/s.
 3. Peak memory: a fresh process (``python -m airflow_modelopt.container.runtimes.probe``, same
    interpreter) loads the model and runs every batch size; its RSS high-water mark is the number.
 4. Bytes on disk of the model's files; runtime name, thread count and a hardware fingerprint

@@ -1,0 +1,293 @@
+"""Step onnx_quantize: ONNX model -> int8 ONNX model with ONNX Runtime's quantization tools.
+
+1. Load the source model (a .onnx file, a folder with model.onnx and its external data, or an
+   MLflow onnx-flavor folder) and check the data artifacts against its inputs by name, rank,
+   fixed dimensions and dtype, before any work: a mismatch names the input and expected shape.
+2. ORT's quantization pre-processing (symbolic shape inference + basic graph optimization).
+3. Quantize: dynamic (weights only, activations at run time) or static (QDQ or QOperator;
+   ranges calibrated with MinMax, Entropy or Percentile on the calibration data). In search mode
+   several configurations are built; calibration runs once and is shared through ORT's cache.
+4. Measure each int8 model against fp32: top-1 agreement (and accuracy with labels), max abs
+   error, and latency (median, or min, of timed runs after warm-up until stable, at the
+   calibration data's shapes, batch size and thread count). Latency is timed as the benchmark
+   step times a model (``measure.time_models``): one model loaded at a time, models taking turns
+   in rounds so drift hits all alike.
+5. Gates; search keeps the fastest configuration that passes. Every configuration tried is
+   logged (JSON + Markdown table, ``search.<config>.*`` metrics), even when none passes.
+6. Log the chosen model with MLflow's onnx flavor, plus size, ratio and quantized-node counts.
+
+Modules: ``model`` (the ONNX graph and its files), ``calibration`` (data, batches, the calibration
+reader), ``quantize`` (configurations, pre-processing, exclusions, ORT's quantizers, node counts),
+``search`` (measuring, gates, choosing, the search record); this one runs them in order.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from airflow_modelopt.container.artifacts import locate_onnx
+from airflow_modelopt.container.context import StepContext, StepOutput
+from airflow_modelopt.container.steps.onnx_quantize.calibration import Dataset, fixed_batch, latency_feed, load_dataset
+from airflow_modelopt.container.steps.onnx_quantize.model import OnnxModel, first_line, inspect_model, is_quant_op
+from airflow_modelopt.container.steps.onnx_quantize.quantize import (
+    configs_for,
+    name_nodes,
+    node_stats,
+    preprocess,
+    quantize,
+    resolve_exclusions,
+)
+from airflow_modelopt.container.steps.onnx_quantize.search import (
+    Gates,
+    Trial,
+    choose,
+    evaluate,
+    latency_settings,
+    log_search,
+    outputs_of,
+    resolve_gates,
+    search_metrics,
+    search_rounds,
+    time_trials,
+)
+from airflow_modelopt.exceptions import ConversionFailed, GateFailed, InputError
+from airflow_modelopt.specs.onnx_quantize import OnnxQuantizeSpec
+
+TAG_CONFIG = "modelopt.onnx_quantize.config"
+TAG_MODE = "modelopt.onnx_quantize.mode"
+#: Batch size agreement with fp32 is measured in (unless the graph fixes one).
+EVAL_BATCH = 32
+
+
+@dataclass
+class Inputs:
+    """The checked source model and data, the fp32 reference and the gates, before any work."""
+
+    source: OnnxModel
+    calibration: Dataset | None
+    eval_data: Dataset | None
+    fixed_batch: int | None
+    latency_batch: int
+    reference: list[np.ndarray] | None = None
+    gates: Gates = field(default_factory=Gates)
+
+    @property
+    def eval_batch(self) -> int:
+        return self.fixed_batch or EVAL_BATCH
+
+
+def check_inputs(spec: OnnxQuantizeSpec, ctx: StepContext) -> Inputs:
+    """Everything that can be wrong with the inputs fails here, before pre-processing starts."""
+    model_dir = ctx.input("model_uri")
+    assert model_dir is not None
+    source = inspect_model(locate_onnx(model_dir, spec.model_uri), "model_uri", spec.model_uri)
+    already = sorted(op for op in source.op_histogram if is_quant_op(op))
+    if already:
+        raise InputError(f"model_uri: {spec.model_uri} is already quantized (it has {already} nodes); give the fp32 model")
+    ctx.log.info("Source model %s: inputs %s, %d nodes, %d bytes", source.path.name,
+                 [f"{i.name}{i.shape_text()}" for i in source.inputs], len(source.node_names), source.bytes)
+    cal_path, eval_path = ctx.input("calibration_data_uri"), ctx.input("eval_data_uri")
+    calibration = (load_dataset(cal_path, "calibration_data_uri", source.inputs, spec.calibration_samples)
+                   if cal_path is not None else None)
+    eval_data = load_dataset(eval_path, "eval_data_uri", source.inputs) if eval_path is not None else calibration
+    fixed = fixed_batch(source.inputs)
+    if fixed is not None and spec.latency_batch_size not in (1, fixed):
+        raise InputError(f"latency_batch_size: the model fixes the batch dimension to {fixed}; "
+                         f"got {spec.latency_batch_size}")
+    inputs = Inputs(source, calibration, eval_data, fixed, fixed or spec.latency_batch_size)
+    inputs.gates = Gates(spec.min_top1_agreement, spec.max_accuracy_drop, spec.max_abs_error)
+    if eval_data is not None:
+        if eval_path is None:
+            ctx.log.warning("No eval_data_uri: agreement with fp32 is measured on the calibration data (optimistic)")
+        try:
+            inputs.reference = outputs_of(source.path, spec.intra_op_threads, spec.model_uri, eval_data,
+                                          inputs.eval_batch, pad=fixed is not None)
+        except Exception as exc:  # noqa: BLE001 - the fp32 model itself does not take this data
+            raise InputError(f"{eval_data.field}: the fp32 model does not run on this data: {first_line(exc)}") from None
+        inputs.gates = resolve_gates(spec, eval_data, inputs.reference)
+    return inputs
+
+
+def prepare_model(spec: OnnxQuantizeSpec, ctx: StepContext, source: OnnxModel) -> tuple[OnnxModel, dict[str, Any],
+                                                                                         dict[str, str]]:
+    """(model to quantize, pre-processing record, {node kept fp32: why})."""
+    working, record = source, {"applied": False}
+    if spec.preprocess:
+        ctx.log.info("ORT quantization pre-processing (symbolic shape inference; optimization %s)",
+                     spec.preprocess_optimize)
+        path, record = preprocess(source.path, ctx.workdir / "preprocessed", spec.preprocess_optimize, ctx.log)
+        working = inspect_model(path, "model_uri", spec.model_uri)
+    if working.unnamed_nodes:
+        ctx.log.info("Naming %d unnamed nodes (ORT excludes nodes by name)", working.unnamed_nodes)
+        working = inspect_model(name_nodes(working, ctx.workdir / "named"), "model_uri", spec.model_uri)
+    excluded = resolve_exclusions(spec, source, working)
+    if excluded:
+        ctx.log.info("Keeping %d node(s) in fp32: %s", len(excluded), sorted(excluded))
+    return working, record, excluded
+
+
+def build_all(spec: OnnxQuantizeSpec, ctx: StepContext, working: OnnxModel, inputs: Inputs,
+              excluded: dict[str, str]) -> list[Trial]:
+    """Quantize every configuration; in search mode a failed one is recorded, not fatal."""
+    trials = []
+    cache_dir = ctx.workdir / "calibration"  # ORT's calibration cache: one calibration per method
+    cache_dir.mkdir(exist_ok=True)
+    for config in configs_for(spec):
+        trial = Trial(config)
+        started = time.monotonic()
+        ctx.log.info("Quantizing: %s", config.as_dict())
+        try:
+            trial.path = quantize(config, working.path, ctx.workdir / "quantized" / config.name, inputs.calibration,
+                                  inputs.fixed_batch or 1, sorted(excluded), cache_dir)
+            trial.bytes = inspect_model(trial.path, "model_uri", spec.model_uri).bytes
+        except ConversionFailed as exc:
+            if spec.mode != "search":
+                raise
+            trial.error = str(exc)
+            ctx.log.warning("%s", exc)
+        trial.quantize_s = time.monotonic() - started
+        trials.append(trial)
+    if not any(t.path is not None for t in trials):
+        raise ConversionFailed("no search configuration could be quantized: " + "; ".join(t.error or "" for t in trials))
+    return trials
+
+
+def measure_all(spec: OnnxQuantizeSpec, ctx: StepContext, inputs: Inputs, trials: list[Trial]) -> dict[str, float] | None:
+    """Agreement and gates per trial, then latency of fp32 and every trial; returns fp32's latency."""
+    if inputs.eval_data is None or inputs.reference is None:
+        ctx.log.warning("No calibration_data_uri or eval_data_uri: latency and agreement with fp32 are not measured")
+        return None
+    evaluate(spec, trials, inputs.eval_data, inputs.reference, inputs.gates, inputs.eval_batch,
+             pad=inputs.fixed_batch is not None)
+    feed = latency_feed(inputs.calibration or inputs.eval_data, inputs.latency_batch)
+    ctx.log.info("Measuring latency of %d model(s), one loaded at a time: batch %d, %d thread(s), %d timed runs each "
+                 "in %d round(s), each after at least %d warm-up runs", 1 + sum(t.runnable for t in trials),
+                 inputs.latency_batch, spec.intra_op_threads, spec.timed_runs, search_rounds(spec.timed_runs),
+                 spec.warmup_runs)
+    fp32_latency = time_trials(spec, inputs.source.path, trials, feed, inputs.latency_batch)
+    for t in trials:
+        ctx.log.info("%-32s %s", t.config.name, t.error or (
+            f"latency {t.latency.get('ms', float('nan')):.4g} ms, "
+            + ", ".join(f"{k} {v:.4g}" for k, v in t.measured.items())
+            + (f"; FAILS: {'; '.join(t.reasons)}" if t.reasons else "")))
+    return fp32_latency
+
+
+def result_metrics(inputs: Inputs, chosen: Trial, stats: dict[str, Any], fp32_latency: dict[str, float] | None,
+                   preprocess_info: dict[str, Any]) -> dict[str, float]:
+    source = inputs.source
+    metrics: dict[str, float] = {
+        "source_bytes": float(source.bytes),
+        "quantized_bytes": float(chosen.bytes),
+        "size_ratio": chosen.bytes / source.bytes,
+        "quantized_compute_nodes": float(stats["quantized_compute_nodes"]),
+        "fp32_compute_nodes": float(len(stats["fp32_nodes"])),
+        "quantize_time_s": chosen.quantize_s,
+    }
+    metrics.update({f"quantized_nodes.{op}": float(n) for op, n in stats["quantized_nodes"].items()})
+    metrics.update({f"quantized_nodes.qdq.{op}": float(n) for op, n in stats["qdq_nodes"].items()})
+    if fp32_latency and chosen.latency:
+        metrics["fp32_latency_ms"] = fp32_latency["ms"]
+        metrics["int8_latency_ms"] = chosen.latency["ms"]
+        metrics["latency_ratio"] = chosen.latency["ms"] / fp32_latency["ms"]
+        metrics["speedup"] = fp32_latency["ms"] / chosen.latency["ms"]
+    for key in ("top1_agreement", "max_abs_error", "accuracy", "accuracy_drop", "fp32_accuracy"):
+        if key in chosen.measured:
+            metrics["int8_accuracy" if key == "accuracy" else key] = chosen.measured[key]
+    if inputs.eval_data is not None:
+        metrics["eval_samples"] = float(inputs.eval_data.samples)
+    if preprocess_info.get("seconds") is not None:
+        metrics["preprocess_time_s"] = preprocess_info["seconds"]
+    return metrics
+
+
+def check_speed(spec: OnnxQuantizeSpec, ctx: StepContext, inputs: Inputs, chosen: Trial,
+                fp32_latency: dict[str, float] | None) -> None:
+    """Warn when the chosen int8 model is not faster than fp32; fail with require_speedup."""
+    if not (fp32_latency and chosen.latency) or chosen.latency["ms"] < fp32_latency["ms"]:
+        return
+    ctx.log.warning("The int8 model (%s) is not faster than fp32 on this CPU: %.4g ms vs %.4g ms%s",
+                    chosen.config.name, chosen.latency["ms"], fp32_latency["ms"],
+                    "" if spec.mode == "search" else "; mode 'search' tries other configurations")
+    if spec.require_speedup:
+        raise GateFailed(
+            f"require_speedup: the chosen int8 model {chosen.config.name!r} takes {chosen.latency['ms']:.4g} ms, "
+            f"fp32 {fp32_latency['ms']:.4g} ms ({spec.intra_op_threads} thread(s), batch {inputs.latency_batch})"
+        )
+
+
+def run(spec: OnnxQuantizeSpec, ctx: StepContext) -> StepOutput:
+    import mlflow
+    import onnx
+
+    inputs = check_inputs(spec, ctx)
+    working, preprocess_info, excluded = prepare_model(spec, ctx, inputs.source)
+    trials = build_all(spec, ctx, working, inputs, excluded)
+    fp32_latency = measure_all(spec, ctx, inputs, trials)
+    chosen = choose(spec, trials)
+
+    search_artifacts = {}
+    if spec.mode == "search":
+        search_artifacts = log_search(spec, ctx, trials, fp32_latency, chosen, source_bytes=inputs.source.bytes,
+                                      gates=inputs.gates, batch=inputs.latency_batch,
+                                      evaluated_on=inputs.eval_data.field if inputs.eval_data else None)
+    if chosen is None:
+        if spec.mode == "search":  # the record of every configuration stays on the failed run
+            ctx.log_metrics(search_metrics(trials))
+            failures = "; ".join(f"{t.config.name}: {t.error or '; '.join(t.reasons)}" for t in trials)
+            raise GateFailed(f"no search configuration passed the accuracy gate {inputs.gates.active()}: {failures} "
+                             f"(table: {search_artifacts['search_table']})")
+        raise GateFailed(f"configuration {trials[0].config.name!r} failed its gate: {'; '.join(trials[0].reasons)}")
+    assert chosen.path is not None
+    check_speed(spec, ctx, inputs, chosen, fp32_latency)
+
+    stats = node_stats(chosen.path)
+    metrics = result_metrics(inputs, chosen, stats, fp32_latency, preprocess_info)
+    if spec.mode == "search":
+        metrics.update(search_metrics(trials))
+    quantized = inspect_model(chosen.path, "model_uri", spec.model_uri)
+    signature = {"inputs": [asdict(i) for i in quantized.inputs], "outputs": [asdict(o) for o in quantized.outputs]}
+    calibration = None
+    if inputs.calibration is not None and chosen.config.method == "static":
+        calibration = {"method": spec.calibration_method, "samples": inputs.calibration.samples,
+                       "batch_size": inputs.fixed_batch or 1}
+    info: dict[str, Any] = {
+        "mode": spec.mode, "chosen_config": chosen.config.name, "config": chosen.config.as_dict(),
+        "quantized_nodes": stats["quantized_nodes"], "qdq_nodes": stats["qdq_nodes"],
+        "fp32_nodes": stats["fp32_nodes"], "excluded_nodes": excluded, "preprocess": preprocess_info,
+        "gates": inputs.gates.active(), "signature": signature, "source_model_uri": spec.model_uri,
+        "calibration": calibration,
+        "evaluated_on": inputs.eval_data.field if inputs.eval_data is not None else None,
+        "latency_settings": latency_settings(spec, inputs.latency_batch),
+    }
+    if spec.mode == "search":
+        info["search"] = [{"config": t.config.name, "passed": t.passed, "latency_ms": t.latency.get("ms"),
+                           **{k: t.measured[k] for k in ("top1_agreement", "accuracy_drop") if k in t.measured},
+                           **({"error": t.error} if t.error else {})} for t in trials]
+    report = {**info, "source": {"bytes": inputs.source.bytes, "files": inputs.source.files,
+                                 "op_histogram": inputs.source.op_histogram},
+              "quantized": {"bytes": chosen.bytes, "files": quantized.files, "op_histogram": quantized.op_histogram,
+                            "node_count": stats["node_count"]},
+              "metrics": metrics}
+    report_uri = ctx.log_dict(report, "onnx_quantize_report.json")
+    ctx.client.set_tag(ctx.run_id, TAG_CONFIG, chosen.config.name)
+    ctx.client.set_tag(ctx.run_id, TAG_MODE, spec.mode)
+    proto = onnx.load(str(chosen.path))  # with its external data, for the flavor to save as a folder
+    model_info = mlflow.onnx.log_model(
+        proto, name="onnx_model", save_as_external_data=True, onnx_execution_providers=["CPUExecutionProvider"],
+        metadata={"modelopt_quantization": {"mode": spec.mode, **chosen.config.as_dict()},
+                  "modelopt_source_model_uri": spec.model_uri},
+    )
+    ctx.log.info("Logged %s (%d bytes, %.2fx the source) as %s", chosen.config.name, chosen.bytes,
+                 chosen.bytes / inputs.source.bytes, model_info.model_uri)
+    return StepOutput(
+        artifacts={"onnx_model": model_info.model_uri, "report": report_uri, **search_artifacts},
+        metrics=metrics, info=info,
+    )
+
+
+__all__ = ["TAG_CONFIG", "TAG_MODE", "check_inputs", "run"]
