@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shlex
 import sys
 import tempfile
@@ -347,29 +346,35 @@ def load_eval(path: str, work: Path) -> tuple[np.ndarray, np.ndarray | None]:
 
 def measure(source: Source, variants: list[Variant], args: argparse.Namespace, work: Path) -> None:
     """Bytes, accuracy (or agreement with fp32) and batch-1 latency of every built variant, side by side."""
+    from airflow_modelopt.container.measure import latency_stats, time_models
     from airflow_modelopt.container.runtimes import load
 
     x, y = load_eval(source.evaluation, work)
-    runtimes: dict[str, Any] = {}
+    loaded: dict[str, Path] = {}
     logits: dict[str, np.ndarray] = {}
     for v in (v for v in variants if v.ok):
         try:
             folder = download(v.uri, work / "models" / source.key / v.name.replace(" ", "_").replace("%", "pct"))
             v.local = str(folder)
             rt = load(folder, threads=args.threads)
-            v.bytes, v.gzip_bytes = file_sizes(rt.model_files())
-            if any(folder.rglob("*.onnx")):
-                v.weight_bytes = onnx_weight_bytes(folder)
-            logits[v.name] = rt.run({"x": x}, batch_size=16)[0]
-            runtimes[v.name] = rt
+            try:
+                v.bytes, v.gzip_bytes = file_sizes(rt.model_files())
+                if any(folder.rglob("*.onnx")):
+                    v.weight_bytes = onnx_weight_bytes(folder)
+                logits[v.name] = rt.run({"x": x}, batch_size=16)[0]
+            finally:
+                rt.close()
+            loaded[v.name] = folder
         except Exception as exc:  # noqa: BLE001 - one unloadable variant must not end the run
             v.error = f"measuring: {type(exc).__name__}: {first_line(exc)}"
             progress(f"{source.key}: {v.name}: {v.error}")
     reference = logits.get("fp32 ONNX")
     truth = reference.argmax(axis=1) if source.agreement and reference is not None else y
-    progress(f"{source.key}: timing {len(runtimes)} variants at batch 1, {args.threads} thread(s), "
+    progress(f"{source.key}: timing {len(loaded)} variants at batch 1, {args.threads} thread(s), "
              f"{args.warmup_runs} warm-up + {args.timed_runs} timed runs in {args.rounds} rounds")
-    stats = time_interleaved(runtimes, {"x": x[:1]}, args.warmup_runs, args.timed_runs, args.rounds)
+    times = time_models(lambda name: load(loaded[name], threads=args.threads), list(loaded), {"x": x[:1]},
+                        args.warmup_runs, args.timed_runs, args.rounds)
+    stats = {name: latency_stats(ns, 1) for name, ns in times.items()}
     for v in variants:
         if v.name in logits and truth is not None:
             v.accuracy = float((logits[v.name].argmax(axis=1) == truth).mean())
@@ -386,26 +391,6 @@ def measure(source: Source, variants: list[Variant], args: argparse.Namespace, w
             v.size_ratio = v.bytes / fp32.bytes if v.bytes else None
             v.latency_ratio = v.p50_ms / fp32.p50_ms if v.p50_ms and fp32.p50_ms else None
             v.drop_pp = (fp32.accuracy - v.accuracy) * 100 if None not in (v.accuracy, fp32.accuracy) else None
-
-
-def time_interleaved(runtimes: dict[str, Any], feeds: dict[str, np.ndarray], warmup: int, runs: int,
-                     rounds: int) -> dict[str, dict[str, float]]:
-    """Latency statistics per runtime with the benchmark step's own timer: the same input for all,
-    ``warmup`` untimed runs each, then ``runs`` timed runs in ``rounds`` rounds that visit every runtime
-    in turn (one more untimed run on switching), so slow drift on a shared machine hits all alike.
-    Closes the runtimes."""
-    from airflow_modelopt.container.steps.benchmark import latency_stats, time_batch
-
-    native = {name: rt.prepare(feeds) for name, rt in runtimes.items()}
-    for name, rt in runtimes.items():
-        time_batch(rt, native[name], warmup, 0)
-    timings: dict[str, list[int]] = {name: [] for name in runtimes}
-    for _ in range(rounds):
-        for name, rt in runtimes.items():
-            timings[name] += time_batch(rt, native[name], 1, math.ceil(runs / rounds))
-    for rt in runtimes.values():
-        rt.close()
-    return {name: latency_stats(ns, 1) for name, ns in timings.items()}
 
 
 def first_line(exc: BaseException, limit: int = 300) -> str:
