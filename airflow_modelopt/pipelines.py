@@ -175,10 +175,12 @@ def optimization_pipeline(
             kwargs[spec.model_field] = model_uri if spec.source is None else artifact(prefix + spec.source,
                                                                                      spec.source_artifact)
             if len(users[task_id]) > 1:
-                # A failed gate (a target whose inputs are missing) must not stop the other targets'
-                # shared build; an upstream build, though, must have succeeded.
-                kwargs["trigger_rule"] = ("all_done_min_one_success" if spec.source is None
-                                          else "none_failed_min_one_success")
+                # A shared build runs when any selected target needs it: the branch skips the gates
+                # of unselected targets, and a failed gate (inputs missing) must not stop the others.
+                # Its only upstreams are gates, so one_success (all_done_min_one_success turns into
+                # SKIPPED as soon as one upstream is skipped). A shared build with an upstream build
+                # keeps none_failed_min_one_success: that build must have succeeded.
+                kwargs["trigger_rule"] = "one_success" if spec.source is None else "none_failed_min_one_success"
             op = getattr(ops, spec.operator)(task_id=task_id, **common, **kwargs, **extra.get(task_id, {}))
             if spec.source is not None:
                 build(spec.source) >> op
