@@ -36,6 +36,7 @@ OPTIONS: dict[str, tuple[str, str]] = {
     "mlflow_conn_id": ("mlflow_default", "Airflow connection that names the MLflow tracking server."),
     "default_tracking_uri": ("", "Tracking URI used when the connection does not exist; empty means a SQLite store under $AIRFLOW_HOME/modelopt."),
     "mlflow_connect_retries": ("5", "Attempts a step makes to reach the tracking server, with exponential backoff, before it exits with code 4."),
+    "mlflow_retry_budget": ("120", "Seconds a step keeps retrying while the tracking server does not answer, all its MLflow calls together; then it marks its run FAILED when it can and exits with code 4. Each request times out after a quarter of it (10 to 120 s)."),
     "transient_failure_retries": ("3", "Retries, with exponential backoff, of a task whose step could not reach MLflow (exit code 4) when the task sets no retries of its own; other failures keep the task's retries."),
     "trust_model_code": ("False", "Let steps unpickle objects that run code from model files (pickled .pt2 entries, MLflow pytorch models saved with pickle). Only for deployments whose model sources are trusted: whoever can trigger a DAG or publish an asset chooses the model."),
     "read_only_root_filesystem": ("True", "Run step containers (docker, kubernetes) on a read-only root with a scratch /tmp, also their HOME."),

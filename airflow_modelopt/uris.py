@@ -7,7 +7,7 @@ Steps never share a local disk: inputs and outputs are MLflow URIs (``runs:/``, 
 from __future__ import annotations
 
 import re
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 #: Schemes a step can read from, in the order the error message lists them.
 SUPPORTED_SCHEMES = ("runs", "models", "mlflow-artifacts", "file")
@@ -65,3 +65,15 @@ def check_experiment_name(name: str) -> str:
 def is_remote(uri: str) -> bool:
     """True when the URI lives in MLflow rather than on this machine's disk."""
     return uri_scheme(uri) in ("runs", "models", "mlflow-artifacts")
+
+
+def split_credentials(uri: str) -> tuple[str, str | None, str | None]:
+    """``(uri, user, password)``: an http(s) URI's ``user:password@`` part taken out (both
+    percent-decoded; None where absent), so the URI can be logged and the credentials kept apart."""
+    parts = urlsplit(uri)
+    if parts.scheme.lower() not in ("http", "https") or "@" not in parts.netloc:
+        return uri, None, None
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user, has_password, password = userinfo.partition(":")
+    return (urlunsplit(parts._replace(netloc=host)), unquote(user) or None,
+            unquote(password) if has_password else None)

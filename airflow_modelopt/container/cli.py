@@ -5,7 +5,8 @@ it to /airflow/xcom/return.json when that folder exists (the Kubernetes result c
 to stderr. Exit codes (airflow_modelopt.exceptions): 0 done, 2 bad spec or input (do not retry),
 3 a gate failed and 5 a converter refused the model (neither retried),
 6 this worker cannot run the step (no GPU; not retried), 4 MLflow unreachable, 1 any
-other failure.
+other failure, 143 (128 + the signal) terminated by SIGTERM, 130 interrupted (SIGINT): the
+step's MLflow run is then marked KILLED and its temporary folder removed.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from airflow_modelopt.exceptions import EXIT_FAILED, EXIT_OK, ModelOptError, SpecError
@@ -45,6 +48,23 @@ def _read_spec(value: str) -> str:
     if not path.is_file():
         raise SpecError(f"--spec {value!r} is neither '-', a JSON object, nor a readable file")
     return path.read_text()
+
+
+def _stop_on_sigterm() -> None:
+    """Turn the first SIGTERM (Airflow's kill, ``docker stop``, a pod's deletion) into
+    ``StepTerminated`` in the main thread, so the runner marks the run KILLED and removes its
+    temporary folder; MLflow calls after it give up within ``tracking.WIND_DOWN_S``. Later
+    SIGTERMs are ignored while that cleanup runs (the orchestrator's SIGKILL still ends it)."""
+    from airflow_modelopt.container import tracking
+    from airflow_modelopt.container.runner import StepTerminated
+
+    def terminate(signum: int, frame: object) -> None:
+        signal.signal(signum, signal.SIG_IGN)
+        tracking.BUDGET.wind_down()
+        raise StepTerminated(signum, signal.Signals(signum).name)
+
+    if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+        signal.signal(signal.SIGTERM, terminate)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -82,18 +102,27 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(StepSpec.registry[args.step].model_json_schema(), indent=2))
         return EXIT_OK
 
-    from airflow_modelopt.container.runner import run_step
+    from airflow_modelopt.container.runner import StepTerminated, run_step
 
     log = logging.getLogger("airflow_modelopt")
+    _stop_on_sigterm()
     try:
         result = run_step(args.step, _read_spec(args.spec))
     except ModelOptError as exc:
         _report_error(str(exc))
         return exc.exit_code
+    except StepTerminated as exc:
+        _report_error(str(exc))
+        return exc.exit_code
+    except KeyboardInterrupt:
+        _report_error("interrupted (SIGINT)")
+        return 128 + signal.SIGINT
     except Exception as exc:  # a bug or a library error: keep the traceback in the log
         log.exception("step %s failed", args.step)
         _report_error(f"{type(exc).__name__}: {exc}")
         return EXIT_FAILED
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # done: nothing left to clean up
     line = result.to_line()
     if XCOM_DIR.is_dir():
         (XCOM_DIR / "return.json").write_text(line)

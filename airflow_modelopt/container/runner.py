@@ -4,7 +4,12 @@ The order matters for "nothing partial": inputs are resolved and hashed first (b
 before any run exists), then the cache is consulted, then the nested run is created, the step
 works in a private temporary folder, and only a step that returned gets its result logged and
 its run tagged ``modelopt.status=succeeded``. A failure leaves a FAILED run carrying the error,
-which the cache never reuses.
+which the cache never reuses; a terminated step (SIGTERM, ``StepTerminated``) a KILLED one tagged
+``modelopt.status=killed``. Either way the temporary folder is removed.
+
+When MLflow stops answering, the step's requests share one retry budget (``tracking.RetryBudget``)
+and the step then exits 4 (TrackingUnavailable); its run is marked FAILED if the server answers
+again in time, else by the task's next try (``tracking.close_abandoned_runs``).
 """
 
 from __future__ import annotations
@@ -21,10 +26,20 @@ from typing import Any
 from airflow_modelopt.container import tracking, trust
 from airflow_modelopt.container.context import StepContext, StepOutput
 from airflow_modelopt.container.steps import STEP_MODULES
+from airflow_modelopt.exceptions import ModelOptError
 from airflow_modelopt.specs import StepResult, StepSpec, parse_spec
 from airflow_modelopt.version import __version__
 
 log = logging.getLogger("airflow_modelopt.container.runner")
+
+
+class StepTerminated(BaseException):  # noqa: N818 - like KeyboardInterrupt, not an error of the step's own
+    """The process was asked to stop (SIGTERM: Airflow killed the task, a pod or container is
+    stopped). A BaseException, so that no step's ``except Exception`` swallows it."""
+
+    def __init__(self, signum: int, name: str) -> None:
+        super().__init__(f"terminated by {name}: the task was killed or its container stopped")
+        self.exit_code = 128 + signum
 
 
 def step_module(step: str) -> Any:
@@ -93,15 +108,37 @@ def run_step(step: str, raw_spec: dict[str, Any] | str) -> StepResult:
     started = time.monotonic()
     spec = parse_spec(step, raw_spec)
     module = step_module(step)
+    uri = tracking.configure()
+    tracking.wait_for_server(uri)
+    try:
+        return _run(spec, module, uri, started)
+    except Exception as exc:
+        error = _explained(uri, exc)
+        if error is exc:
+            raise
+        raise error from exc
 
+
+def _explained(uri: str, exc: BaseException) -> BaseException:
+    """The error to report: an unexpected error while the last MLflow request got no answer is
+    MLflow's unavailability (exit 4), not the step's failure."""
+    if tracking.BUDGET.in_outage and isinstance(exc, Exception) and not isinstance(exc, ModelOptError):
+        return tracking.unavailable(uri, exc)
+    return exc
+
+
+def _run(spec: StepSpec, module: Any, uri: str, started: float) -> StepResult:
     import mlflow
     from mlflow import MlflowClient
 
-    uri = tracking.tracking_uri()
-    tracking.wait_for_server(uri)
+    step = spec.step
     client = MlflowClient(tracking_uri=uri)
     experiment_id = tracking.ensure_experiment(client, spec.context.experiment_name)
     parent = spec.context.parent_run_id or tracking.get_or_create_parent_run(client, experiment_id, spec.context)
+    try:
+        tracking.close_abandoned_runs(client, experiment_id, spec.context)
+    except Exception as exc:  # bookkeeping of earlier tries must not fail this one
+        log.warning("could not close runs earlier tries left RUNNING: %s", exc)
 
     with tempfile.TemporaryDirectory(prefix=f"modelopt-{step}-") as tmp:
         workdir = Path(tmp)
@@ -142,8 +179,11 @@ def run_step(step: str, raw_spec: dict[str, Any] | str) -> StepResult:
             client.set_terminated(run_id, "FINISHED")
             return result
         except BaseException as exc:
-            _mark_failed(client, run_id, exc)
-            raise
+            error = _explained(uri, exc)
+            _mark_failed(client, run_id, error)
+            if error is exc:
+                raise
+            raise error from exc
 
 
 def _reuse(client: Any, spec: StepSpec, experiment_id: str, parent: str | None, key: str, hit: Any,
@@ -166,12 +206,19 @@ def _reuse(client: Any, spec: StepSpec, experiment_id: str, parent: str | None, 
 
 
 def _mark_failed(client: Any, run_id: str, exc: BaseException) -> None:
+    """Tag the run with the error and end it: KILLED for a terminated step, else FAILED. Within the
+    retry budget left (a server that is down makes this fail fast; the next try closes the run)."""
+    killed = isinstance(exc, (StepTerminated, KeyboardInterrupt))
     try:
-        client.set_tag(run_id, tracking.TAG_STATUS, "failed")
+        client.set_tag(run_id, tracking.TAG_STATUS, "killed" if killed else "failed")
         client.set_tag(run_id, tracking.TAG_ERROR, f"{type(exc).__name__}: {exc}"[:5000])
-        client.set_terminated(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
-    except Exception:  # the original error matters more than the bookkeeping
-        log.exception("could not mark MLflow run %s as failed", run_id)
+        client.set_terminated(run_id, "KILLED" if killed else "FAILED")
+    except Exception as error:  # the original error matters more than the bookkeeping
+        if tracking.BUDGET.in_outage:
+            log.error("could not mark MLflow run %s as %s: MLflow is unreachable (%s); the task's next try "
+                      "will close it", run_id, "killed" if killed else "failed", tracking.BUDGET.last_error)
+        else:
+            log.error("could not mark MLflow run %s as failed: %s", run_id, error)
 
 
 def _flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -184,4 +231,4 @@ def _flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-__all__ = ["StepContext", "StepOutput", "cache_key", "run_step", "step_module"]
+__all__ = ["StepContext", "StepOutput", "StepTerminated", "cache_key", "run_step", "step_module"]

@@ -1,13 +1,23 @@
 """Container side: reaching MLflow, reading inputs by URI, and the per-DAG-run parent run.
 
 Credentials come from the process environment (MLFLOW_TRACKING_TOKEN, or _USERNAME and
-_PASSWORD), where the launcher put them for this process only; nothing here prints them.
+_PASSWORD), where the launcher put them for this process only, or from the tracking URI's
+``user:password@`` part, which ``configure`` moves into that environment before anything uses or
+logs the URI; nothing here prints them.
+
+Every MLflow request of a step shares one retry budget (``RetryBudget``): once the server stops
+answering (refused or timed-out connections, 5xx answers), the step's requests keep retrying for at
+most ``MODELOPT_MLFLOW_RETRY_BUDGET`` seconds in all, however many calls the step makes meanwhile;
+then they fail at once and the runner exits with code 4 (TrackingUnavailable). An answer from the
+server ends the outage and renews the budget.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
+import math
 import os
 import re
 import time
@@ -16,8 +26,8 @@ import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from airflow_modelopt.exceptions import InputError, TrackingUnavailable
-from airflow_modelopt.uris import is_remote, uri_scheme
+from airflow_modelopt.exceptions import InputError, SpecError, TrackingUnavailable
+from airflow_modelopt.uris import is_remote, split_credentials, uri_scheme
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -56,6 +66,175 @@ def tracking_uri() -> str:
     import mlflow
 
     return os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
+
+
+#: Environment variable (set by the operator from ``[modelopt] mlflow_retry_budget``) and default.
+RETRY_BUDGET_ENV = "MODELOPT_MLFLOW_RETRY_BUDGET"
+DEFAULT_RETRY_BUDGET_S = 120.0
+#: Seconds the bookkeeping after SIGTERM may spend on MLflow: inside the grace period an
+#: orchestrator gives before it kills (docker stop: 10 s).
+WIND_DOWN_S = 5.0
+
+
+class RetryBudget:
+    """How long this process keeps retrying MLflow requests while the server does not answer.
+
+    One per process (``BUDGET``), shared by every request of every call: an outage starts at the
+    first failed attempt and ends at the next answer; requests give up once it has lasted
+    ``seconds``, or once ``wind_down``'s deadline has passed.
+    """
+
+    def __init__(self, seconds: float = DEFAULT_RETRY_BUDGET_S) -> None:
+        self.seconds = seconds
+        self.outage_since: float | None = None
+        self.last_error = ""
+        self.deadline: float | None = None
+
+    def failed(self, error: object) -> None:
+        if self.outage_since is None:
+            self.outage_since = time.monotonic()
+        self.last_error = str(error)[:500]
+
+    def answered(self) -> None:
+        self.outage_since = None
+
+    @property
+    def in_outage(self) -> bool:
+        """The last request got no answer (the server is unreachable or failing)."""
+        return self.outage_since is not None
+
+    def outage_s(self) -> float:
+        return 0.0 if self.outage_since is None else time.monotonic() - self.outage_since
+
+    def remaining(self) -> float:
+        """Seconds a failing request may still retry."""
+        ends = [t for t in (self.deadline,) if t is not None]
+        if self.outage_since is not None:
+            ends.append(self.outage_since + self.seconds)
+        return max(0.0, min(ends) - time.monotonic()) if ends else math.inf
+
+    def wind_down(self, seconds: float = WIND_DOWN_S) -> None:
+        """From now on, a failing request gives up after ``seconds`` (the last calls of a dying step)."""
+        self.deadline = time.monotonic() + seconds
+        os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(max(1, int(seconds)))
+
+
+BUDGET = RetryBudget()
+
+
+def _budgeted_retry_class() -> type:
+    from urllib3.exceptions import MaxRetryError, ResponseError
+    from urllib3.util.retry import Retry
+
+    class BudgetedRetry(Retry):
+        """urllib3's retry policy (as MLflow configured it), cut short when ``BUDGET`` is spent."""
+
+        def increment(self, method: Any = None, url: Any = None, response: Any = None, error: Any = None,
+                      _pool: Any = None, _stacktrace: Any = None) -> Any:
+            BUDGET.failed(error or (f"HTTP {response.status}" if response is not None else "no answer"))
+            retry = super().increment(method, url, response, error, _pool, _stacktrace)
+            if BUDGET.remaining() <= 0:
+                reason = error or ResponseError(f"HTTP {getattr(response, 'status', '?')}")
+                raise MaxRetryError(_pool, url, reason) from reason  # type: ignore[arg-type]
+            return retry
+
+        def is_retry(self, method: str, status_code: int, has_retry_after: bool = False) -> bool:
+            retry = super().is_retry(method, status_code, has_retry_after)
+            if not retry:
+                BUDGET.answered()
+            return retry
+
+        def get_backoff_time(self) -> float:
+            return min(super().get_backoff_time(), BUDGET.remaining())
+
+        def get_retry_after(self, response: Any) -> float | None:
+            after = super().get_retry_after(response)
+            return None if after is None else min(after, BUDGET.remaining())
+
+    return BudgetedRetry
+
+
+def install_retry_budget(seconds: float) -> bool:
+    """Make every MLflow HTTP request of this process retry within ``BUDGET`` (``seconds`` long).
+
+    MLflow builds one cached ``requests`` session per retry setting in
+    ``mlflow.utils.request_utils._get_request_session``; the sessions it returns get a retry policy
+    that also consults the budget. False (and a warning) when this MLflow has no such function: then
+    each call retries on MLflow's own terms, bounded only by the request timeout.
+    """
+    BUDGET.seconds = seconds
+    try:
+        from mlflow.utils import request_utils
+
+        original = request_utils._get_request_session
+    except (ImportError, AttributeError):
+        log.warning("this MLflow has no _get_request_session: the MLflow retry budget is not enforced")
+        return False
+    if getattr(original, "modelopt_budgeted", False):
+        return True
+    budgeted = _budgeted_retry_class()
+
+    def get_request_session(*args: Any, **kwargs: Any) -> Any:
+        session = original(*args, **kwargs)
+        for adapter in session.adapters.values():
+            retry = getattr(adapter, "max_retries", None)
+            if retry is not None and not isinstance(retry, budgeted):
+                retry = copy.copy(retry)
+                retry.__class__ = budgeted  # the same settings; only the budget checks are added
+                adapter.max_retries = retry
+        return session
+
+    get_request_session.modelopt_budgeted = True  # type: ignore[attr-defined]
+    request_utils._get_request_session = get_request_session
+    return True
+
+
+def _budget_from_env() -> float:
+    raw = os.environ.get(RETRY_BUDGET_ENV, "").strip()
+    if not raw:
+        return DEFAULT_RETRY_BUDGET_S
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not math.isfinite(seconds) or seconds < 0:
+        raise SpecError(f"{RETRY_BUDGET_ENV} is {raw!r}; expected seconds >= 0 ([modelopt] mlflow_retry_budget)")
+    return seconds
+
+
+def configure() -> str:
+    """Set this process up to talk to MLflow and return the tracking URI, safe to log.
+
+    Credentials in the URI (``http://user:password@host``) move to MLFLOW_TRACKING_USERNAME and
+    _PASSWORD (they win over ones already there, as they would in MLflow's client) and the URI
+    loses them. Requests time out after a quarter of the retry budget (at least 10 s, at most
+    MLflow's 120 s; an explicit MLFLOW_HTTP_REQUEST_TIMEOUT wins), so one hung request cannot
+    outlast the budget by much.
+    """
+    import mlflow
+
+    budget = _budget_from_env()
+    uri, user, password = split_credentials(tracking_uri())
+    if user is not None:
+        os.environ["MLFLOW_TRACKING_USERNAME"] = user
+        if password is None:
+            log.warning("The tracking URI names user %r without a password; no credentials are sent", user)
+        else:
+            os.environ["MLFLOW_TRACKING_PASSWORD"] = password
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    mlflow.set_tracking_uri(uri)
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(min(120.0, max(10.0, budget / 4)))))
+    install_retry_budget(budget)
+    return uri
+
+
+def unavailable(uri: str, exc: BaseException) -> TrackingUnavailable:
+    """The error of a step whose MLflow requests ran out of retry budget (or of MLflow's retries)."""
+    return TrackingUnavailable(
+        f"MLflow tracking server at {redact(uri)} stopped answering: no answer for {BUDGET.outage_s():.0f} s "
+        f"(retry budget {BUDGET.seconds:.0f} s, [modelopt] mlflow_retry_budget); last error: "
+        f"{BUDGET.last_error or type(exc).__name__}"
+    )
 
 
 def wait_for_server(uri: str, attempts: int | None = None, first_delay: float = 1.0) -> None:
@@ -131,6 +310,31 @@ def get_or_create_parent_run(client: MlflowClient, experiment_id: str, ctx: RunC
         client.delete_run(mine.info.run_id)
     log.info("Parent MLflow run for DAG run %s: %s", ctx.run_id, keeper.info.run_id)
     return keeper.info.run_id
+
+
+def close_abandoned_runs(client: MlflowClient, experiment_id: str, ctx: RunContext) -> list[str]:
+    """End as FAILED the runs earlier tries of this task left RUNNING (a try whose MLflow was
+    unreachable at the end, or that was killed hard), naming why; return their ids."""
+    if not (ctx.dag_id and ctx.run_id and ctx.task_id):
+        return []
+    query = (
+        f"tags.`{TAG_ROLE}` = 'step' and tags.`{TAG_DAG_ID}` = '{_q(ctx.dag_id)}' "
+        f"and tags.`{TAG_RUN_ID}` = '{_q(ctx.run_id)}' and tags.`{TAG_TASK_ID}` = '{_q(ctx.task_id)}' "
+        "and attributes.status = 'RUNNING'"
+    )
+    closed = []
+    for run in client.search_runs([experiment_id], filter_string=query, max_results=100):
+        earlier = run.data.tags.get(TAG_TRY, "")
+        if not earlier.isdigit() or int(earlier) >= ctx.try_number:
+            continue
+        client.set_tag(run.info.run_id, TAG_STATUS, "failed")
+        client.set_tag(run.info.run_id, TAG_ERROR, (
+            f"abandoned: try {earlier} ended without closing this run (MLflow was unreachable, or the "
+            f"process was killed); closed by try {ctx.try_number}"))
+        client.set_terminated(run.info.run_id, "FAILED")
+        log.warning("Closed MLflow run %s, left RUNNING by try %s of this task, as FAILED", run.info.run_id, earlier)
+        closed.append(run.info.run_id)
+    return closed
 
 
 def _q(value: str) -> str:

@@ -11,6 +11,10 @@ Accepted connections:
 * user and password: ``https://user:password@mlflow.example.com``
 * a token: password without login, or extra ``{"token": "..."}``
 * any tracking URI MLflow understands: extra ``{"tracking_uri": "sqlite:////data/mlflow.db"}``
+
+Credentials written into a tracking URI (extra ``tracking_uri``, ``[modelopt] default_tracking_uri``:
+``http://user:password@host``) are taken out of it into the secret environment, so the URI that is
+logged and passed in plain environment never carries them.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any
 from airflow.sdk import BaseHook
 
 from airflow_modelopt import config
+from airflow_modelopt.uris import split_credentials
 
 
 @dataclass(frozen=True)
@@ -43,12 +48,23 @@ def default_local_store() -> TrackingConfig:
     configured = config.get("default_tracking_uri").strip()
     home = os.environ.get("AIRFLOW_HOME") or os.path.expanduser("~/airflow")
     root = os.path.join(home, "modelopt")
-    uri = configured or f"sqlite:///{os.path.join(root, 'mlflow.db')}"
+    uri, secret = _without_credentials(configured or f"sqlite:///{os.path.join(root, 'mlflow.db')}")
     env = {"MLFLOW_TRACKING_URI": uri}
     if not configured:
         os.makedirs(root, exist_ok=True)
         env["MODELOPT_ARTIFACT_ROOT"] = os.path.join(root, "artifacts")
-    return TrackingConfig(uri, env, {}, source="embedded default (local store)")
+    return TrackingConfig(uri, env, secret, source="embedded default (local store)")
+
+
+def _without_credentials(uri: str) -> tuple[str, dict[str, str]]:
+    """The URI without its ``user:password@`` part, and that part as MLflow's credential variables."""
+    uri, user, password = split_credentials(uri)
+    secret = {}
+    if user is not None:
+        secret["MLFLOW_TRACKING_USERNAME"] = user
+    if password is not None:
+        secret["MLFLOW_TRACKING_PASSWORD"] = password
+    return uri, secret
 
 
 class MlflowHook(BaseHook):
@@ -107,7 +123,7 @@ class MlflowHook(BaseHook):
             port = f":{conn.port}" if conn.port else ""
             path = f"/{path.strip('/')}" if path.strip("/") else ""
             uri = f"{scheme}://{conn.host}{port}{path}"
-        secret: dict[str, str] = {}
+        uri, secret = _without_credentials(uri)
         token = extra.get("token")
         if conn.login and conn.password:
             secret["MLFLOW_TRACKING_USERNAME"] = conn.login

@@ -240,8 +240,13 @@ class ModelOptOperator(BaseOperator):
         except SpecError as exc:
             raise AirflowFailException(str(exc)) from None
         tracking = self.mlflow_hook.tracking_config()
+        try:
+            retry_budget = str(config.get_int("mlflow_retry_budget"))
+        except ValueError as exc:
+            raise AirflowFailException(str(exc)) from None
         tracking = dataclasses.replace(tracking, public_env={
-            "MODELOPT_MLFLOW_CONNECT_RETRIES": config.get("mlflow_connect_retries"), **tracking.public_env})
+            "MODELOPT_MLFLOW_CONNECT_RETRIES": config.get("mlflow_connect_retries"),
+            "MODELOPT_MLFLOW_RETRY_BUDGET": retry_budget, **tracking.public_env})
         self.log.info(
             "Running step %s in %s mode; MLflow: %s (%s)", spec.step, mode, tracking.tracking_uri, tracking.source
         )

@@ -164,3 +164,38 @@ def test_bad_registered_model_name_is_refused(mlflow_server, uris):
         _candidate("onnx_fp32", uris["onnx"], latency=1.0)]}, mlflow_server.env())
     assert run.returncode == 2
     assert "registered_model_name: must be 1-200 characters" in run.output
+
+
+def _run_with_model_folder(client):
+    """A finished run holding one plain artifact folder ``model`` (a promotable candidate)."""
+    import tempfile
+
+    exp = client.get_experiment_by_name("tests-promote")
+    run = client.create_run(exp.experiment_id if exp else client.create_experiment("tests-promote"))
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "model.bin").write_bytes(b"\0" * 64)
+        client.log_artifacts(run.info.run_id, tmp, "model")
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+def test_missing_candidate_fails_before_anything_is_registered(mlflow_server):
+    """One candidate's run does not exist, another's run lacks the artifact: the step exits 2 (not
+    retried) naming both targets and what is missing, and registers nothing, not even the good one."""
+    client = mlflow_server.client()
+    good = _run_with_model_folder(client)
+    ghost = "0123456789abcdef0123456789abcdef"
+    name = f"digits-promote-missing-{good[:8]}"
+    spec = {"registered_model_name": name, "candidates": [
+        _candidate("onnx_fp32", f"runs:/{good}/model", latency=1.0),
+        _candidate("tflite_int8", f"runs:/{ghost}/model", latency=2.0),
+        _candidate("torch_fp32", f"runs:/{good}/no_such_folder", latency=3.0),
+    ], "context": {"experiment_name": "tests-promote", "dag_id": "promote_test", "run_id": f"manual__{name}"}}
+    run = run_step("promote", spec, mlflow_server.env())
+    assert run.returncode == 2, run.output[-3000:]
+    assert f"candidate 'tflite_int8': its MLflow run {ghost} does not exist" in run.output
+    assert f"candidate 'torch_fp32': its MLflow run {good} has no artifact 'no_such_folder'" in run.output
+    assert "'onnx_fp32'" not in run.output.split("modelopt: error:")[-1], "the good candidate is not blamed"
+    assert client.search_model_versions(f"name = '{name}'") == []
+    parent = _parent_run(client, name)
+    assert parent.info.status == "FAILED" and parent.data.tags["modelopt.outcome"] == "error"

@@ -1,5 +1,9 @@
 """Step promote: register passing candidates in the MLflow Model Registry, move aliases by policy.
 
+* Before anything is registered, every passing candidate's model is checked: its run exists (and
+  is not deleted) and holds the artifact, or its ``models:/`` URI resolves. Anything missing fails
+  the step (InputError, exit 2, not retried) naming each such candidate's target and what is
+  missing, with nothing registered and no alias moved.
 * Every passing candidate becomes a version of ``registered_model_name``, tagged with its
   lineage (source model, target, chain of steps and their parameters, tool versions, DAG run)
   and its validation and benchmark metrics. A candidate is identified by its build step's cache
@@ -52,6 +56,7 @@ from airflow_modelopt.container.context import StepContext, StepOutput
 from airflow_modelopt.container.tracking import digest
 from airflow_modelopt.exceptions import GateFailed, InputError, StepFailed
 from airflow_modelopt.specs.promote import OBJECTIVE_METRICS, Candidate, PromoteSpec
+from airflow_modelopt.uris import uri_scheme
 from airflow_modelopt.version import __version__
 
 TAG_KEY = "modelopt.candidate_key"
@@ -136,6 +141,61 @@ def _release(client: Any, lock: str, holder: str) -> None:
             client.delete_registered_model(lock)
     except MlflowException:
         pass
+
+
+#: MLflow error codes that mean "there is no such run, model or artifact".
+_NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE")
+
+
+def _has_entry(entries: list[Any], name: str) -> bool:
+    return any(e.path.rstrip("/").rsplit("/", 1)[-1] == name for e in entries)
+
+
+def _missing(client: Any, c: Candidate) -> str | None:
+    """What of candidate ``c``'s model cannot be found, in words; None when it is all there."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    uri = str(c.model_uri)
+    scheme = uri_scheme(uri)
+    try:
+        if scheme == "runs":
+            run_id, _, path = uri[len("runs:/"):].partition("/")
+            path = path.strip("/")
+            try:
+                run = client.get_run(run_id)
+            except MlflowException as exc:
+                if exc.error_code in _NOT_FOUND:
+                    return f"its MLflow run {run_id} does not exist ({uri})"
+                raise
+            if run.info.lifecycle_stage == "deleted":
+                return f"its MLflow run {run_id} was deleted ({uri})"
+            parent, _, name = path.rpartition("/")
+            if path and not _has_entry(client.list_artifacts(run_id, parent or None), name):
+                return f"its MLflow run {run_id} has no artifact {path!r} ({uri})"
+        elif scheme in ("models", "mlflow-artifacts"):
+            if not mlflow.artifacts.list_artifacts(artifact_uri=uri):
+                parent, _, name = uri.rstrip("/").rpartition("/")
+                if scheme == "models" or not _has_entry(mlflow.artifacts.list_artifacts(artifact_uri=parent), name):
+                    return f"{uri} holds no files"
+        else:
+            from pathlib import Path
+
+            if not Path(uri[len("file://"):] if scheme == "file" else uri).exists():
+                return f"{uri} does not exist"
+    except MlflowException as exc:
+        if exc.error_code in _NOT_FOUND:
+            return f"{uri} cannot be found: {str(exc).splitlines()[0]}"
+        raise
+    return None
+
+
+def check_candidates(client: Any, candidates: list[Candidate]) -> None:
+    """Raise InputError naming every candidate whose model is missing (before anything is registered)."""
+    missing = [(c.target, why) for c in candidates if (why := _missing(client, c)) is not None]
+    if missing:
+        raise InputError("candidates: nothing was registered, because "
+                         + "; ".join(f"candidate {target!r}: {why}" for target, why in missing))
 
 
 def _candidate_key(c: Candidate) -> str:
@@ -316,8 +376,8 @@ def _end_parent_run(ctx: StepContext, spec: PromoteSpec, failed: list[Candidate]
         client.log_batch(target, metrics=metrics, tags=tags)
         if ctx.parent_run_id:
             client.set_terminated(ctx.parent_run_id, "FINISHED" if outcome in ("all_passed", "some_failed") else "FAILED")
-    except Exception:  # noqa: BLE001 - the promotion's own outcome matters more than this bookkeeping
-        ctx.log.exception("could not record the outcome on MLflow run %s", target)
+    except Exception as exc:  # noqa: BLE001 - the promotion's own outcome matters more than this bookkeeping
+        ctx.log.error("could not record the outcome on MLflow run %s: %s", target, exc)
 
 
 def run(spec: PromoteSpec, ctx: StepContext) -> StepOutput:
@@ -325,7 +385,7 @@ def run(spec: PromoteSpec, ctx: StepContext) -> StepOutput:
     failed = [c for c in spec.candidates if not c.passed]
     try:
         output = _promote(spec, ctx, passing)
-    except Exception as exc:
+    except BaseException as exc:  # a terminated promotion (SIGTERM) ends the DAG run's parent run too
         _end_parent_run(ctx, spec, failed, "error", f"{type(exc).__name__}: {exc}")
         raise
     if not passing:
@@ -349,6 +409,9 @@ def _promote(spec: PromoteSpec, ctx: StepContext, passing: list[Candidate]) -> S
     for c in spec.candidates:
         if not c.passed:
             ctx.log.info("%s: not registered (%s)", c.target, "; ".join(c.reasons) or "failed")
+
+    # 0. Every passing candidate's model exists, or nothing is registered.
+    check_candidates(client, passing)
 
     # 1. Register (idempotent, race-free) every passing candidate; no alias moves until all are in.
     versions: dict[str, Any] = {}
