@@ -245,8 +245,10 @@ class Stack:
         self.work = work
         self.python = sys.executable
         self.bin = Path(sys.executable).parent
-        self.pg = Postgres(work / "pg", free_port())
-        self.pg.root.mkdir()
+        # PostgreSQL runs as 'nobody' when we are root: its folder must be reachable by that user, so it
+        # lives in a fresh folder of its own under the system temp dir, not under the work folder
+        # (pytest's tmp_path, for one, is private to root).
+        self.pg = Postgres(Path(tempfile.mkdtemp(prefix="modelopt-load-pg-")), free_port())
         self.mlflow_port = free_port()
         self.mlflow_uri = f"http://127.0.0.1:{self.mlflow_port}"
         self.api_port = free_port()
@@ -387,6 +389,7 @@ class Stack:
         if self.mlflow is not None:
             self.mlflow.stop()
         self.pg.stop()
+        shutil.rmtree(self.pg.root, ignore_errors=True)
 
 
 # -- the load ----------------------------------------------------------------------------------
