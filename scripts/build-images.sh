@@ -134,8 +134,9 @@ for f in README.md README.rst LICENSE LICENSE.txt NOTICE MANIFEST.in setup.py se
 done
 tar -c --exclude=__pycache__ --exclude='*.pyc' "${src_files[@]}" | tar -x -C "$tmp/src"
 # Fixed timestamps: unchanged sources give the same wheel bytes, so Docker's layer cache holds.
+# No build isolation: the environment's own setuptools builds it, so no index is needed here.
 run_logged project-wheel env SOURCE_DATE_EPOCH=315532800 \
-  "$PY" -m pip wheel --no-deps --progress-bar off -w "$tmp/dist" "$tmp/src"
+  "$PY" -m pip wheel --no-deps --no-build-isolation --progress-bar off -w "$tmp/dist" "$tmp/src"
 project_whl="$(ls "$tmp/dist"/airflow_modelopt-*.whl 2>/dev/null | head -n1)"
 [ -n "$project_whl" ] || die "the project wheel was not built (log: $LOGS/project-wheel.log)"
 for img in "${families[@]}"; do
