@@ -24,13 +24,35 @@ def load_npz(path: Path, *, field: str) -> dict[str, np.ndarray]:
             raise InputError(f"{field}: {path} is a directory; expected one .npz file, found {len(candidates)}")
         path = candidates[0]
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
+        loaded = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
+        raise InputError(f"{field}: {path.name} is not a readable .npz file: {exc}") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        kind = "a single .npy array" if isinstance(loaded, np.ndarray) else type(loaded).__name__
+        raise InputError(f"{field}: {path.name} is {kind}, not an .npz archive; save it with numpy.savez "
+                         f"(inputs keyed by name, '{SINGLE_INPUT_KEY}' for a single input, labels under '{LABEL_KEY}')")
+    try:
+        with loaded as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, EOFError, KeyError) as exc:
         raise InputError(f"{field}: {path.name} is not a readable .npz file: {exc}") from None
     if not arrays:
         raise InputError(f"{field}: {path.name} holds no arrays")
+    for name, a in arrays.items():
+        check_finite(a, f"{field}: array {name!r} of {path.name}")
     return arrays
+
+
+def check_finite(a: np.ndarray, where: str) -> None:
+    """Refuse NaN or inf in data: a model's outputs on them measure nothing (bad input, exit 2)."""
+    if a.dtype.kind not in "fc" or a.size == 0:
+        return
+    finite = np.isfinite(a)
+    if not finite.all():
+        nan, inf = int(np.isnan(a).sum()), int(np.isinf(a).sum())
+        first = [int(i) for i in np.argwhere(~finite)[0]]
+        raise InputError(f"{where} holds {nan} NaN and {inf} inf values (first at index {first}); "
+                         "evaluation and calibration data must be finite")
 
 
 def match_inputs(arrays: dict[str, np.ndarray], input_names: list[str], *, field: str) -> dict[str, np.ndarray]:

@@ -22,6 +22,11 @@ from pydantic import Field, model_validator
 from airflow_modelopt.specs.base import ArtifactUri, StepSpec
 from airflow_modelopt.specs.formats import BatchSize, Device, ModelFormat, family_for, pick_family
 
+#: Output-agreement gates applied when no labels decide (no ``y``, or not a classifier) and the spec
+#: sets no comparison gate of its own: a verdict always rests on at least one measured gate.
+DEFAULT_MIN_TOP1_AGREEMENT = 0.90   # classifiers: share of samples whose top-1 class matches
+DEFAULT_MIN_COSINE = 0.99           # other outputs: cosine similarity of each output
+
 
 class ValidateEquivalenceSpec(StepSpec):
     """Compare a candidate model with its reference on evaluation data, and gate on the difference.
@@ -55,10 +60,12 @@ class ValidateEquivalenceSpec(StepSpec):
     )
     rtol: float | None = Field(None, ge=0, description="Gate: relative tolerance added to atol, as numpy.allclose")
     min_cosine: float | None = Field(
-        None, ge=-1, le=1, description="Gate: minimum cosine similarity of each output (flattened over all samples)"
+        None, ge=-1, le=1, description="Gate: minimum cosine similarity of each output (flattened over all samples); "
+        f"for a non-classifier without any other comparison gate, {DEFAULT_MIN_COSINE} applies"
     )
     min_top1_agreement: float | None = Field(
-        None, ge=0, le=1, description="Gate: minimum share of samples whose top-1 class agrees (classifiers)"
+        None, ge=0, le=1, description="Gate: minimum share of samples whose top-1 class agrees (classifiers); "
+        f"without labels and without any other comparison gate, {DEFAULT_MIN_TOP1_AGREEMENT} applies"
     )
     max_accuracy_drop: float | None = Field(
         0.02, ge=0, le=1,

@@ -128,3 +128,59 @@ def test_max_abs_error_matches_polygraphy_on_the_same_onnx_pair(candidates, step
     assert ours.metrics["max_abs_error"] == pytest.approx(float(theirs.max_absdiff), rel=1e-6, abs=1e-7)
     assert ours.metrics["mean_abs_error"] == pytest.approx(float(theirs.mean_absdiff), rel=1e-5)
     assert json.dumps(ours.verdict.model_dump()) == json.dumps({"passed": True, "reasons": []})
+
+
+# -- no silent passes (issue 10): what a hostile-but-fair user tried ---------------------------------------
+
+
+def _without_labels(candidates, tmp_path):
+    with np.load(candidates.eval_npz) as npz:
+        x = npz["x"]
+    path = tmp_path / "unlabelled.npz"
+    np.savez(path, x=x)
+    return path
+
+
+def test_without_labels_a_different_model_fails_on_default_agreement(candidates, step_env, tmp_path):
+    data = _without_labels(candidates, tmp_path)
+    with pytest.raises(GateFailed, match=r"gate min_top1_agreement \(default without labels\): top-1 agreement "
+                                         r"0\.\d{4} is below 0\.9"):
+        _validate({**_spec(candidates, "pt2", "onnx_broken"), "data_uri": str(data)})
+    good = _validate({**_spec(candidates, "pt2", "onnx_int8"), "data_uri": str(data)})
+    gates = {g["gate"]: g for g in good.info["gates"]}
+    assert good.verdict.passed and gates["min_top1_agreement"]["passed"] and gates["min_top1_agreement"]["threshold"] == 0.9
+    assert gates["max_accuracy_drop"]["passed"] is None  # not checked without labels, and says so
+
+
+def test_labels_outside_the_classes_are_bad_input_not_a_pass(candidates, step_env, tmp_path):
+    with np.load(candidates.eval_npz) as npz:
+        x, y = npz["x"], npz["y"]
+    for bad in (y + 100, np.full_like(y, -1)):
+        path = tmp_path / "labels.npz"
+        np.savez(path, x=x, y=bad)
+        with pytest.raises(InputError, match=r"data_uri: labels 'y' range from -?\d+ to -?\d+, but output 'output' scores "
+                                             r"10 classes \(labels 0\.\.9\)"):
+            _validate({**_spec(candidates, "pt2", "onnx_fp32"), "data_uri": str(path)})
+
+
+def test_nan_data_npy_renamed_npz_and_a_broken_reference_are_bad_input(candidates, mlflow_server, tmp_path):
+    with np.load(candidates.eval_npz) as npz:
+        x, y = npz["x"].copy(), npz["y"]
+    x[3, 0, 2, 2] = np.nan
+    nan = tmp_path / "nan.npz"
+    np.savez(nan, x=x, y=y)
+    run = run_step("validate", {**_spec(candidates, "pt2", "onnx_fp32"), "data_uri": str(nan)}, mlflow_server.env())
+    assert run.returncode == 2, run.output[-2000:]
+    assert "data_uri: array 'x' of nan.npz holds 1 NaN and 0 inf values (first at index [3, 0, 2, 2])" in run.output
+
+    renamed = tmp_path / "renamed.npz"
+    with open(renamed, "wb") as fh:
+        np.save(fh, x)
+    run = run_step("validate", {**_spec(candidates, "pt2", "onnx_fp32"), "data_uri": str(renamed)}, mlflow_server.env())
+    assert run.returncode == 2, run.output[-2000:]
+    assert "data_uri: renamed.npz is a single .npy array, not an .npz archive" in run.output
+
+    run = run_step("validate", _spec(candidates, "onnx_nan", "onnx_fp32"), mlflow_server.env())
+    assert run.returncode == 2, run.output[-2000:]
+    assert re.search(r"reference_uri: the reference model's output 'output' has \d+ NaN/inf values on finite "
+                     r"evaluation data: the reference itself is broken", run.output), run.output[-2000:]

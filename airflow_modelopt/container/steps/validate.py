@@ -7,8 +7,11 @@
    (over reference elements that are not 0), cosine similarity (whole output, and the worst
    sample), non-finite values. For a classifier output (2-D, more than one column): top-1
    agreement; with labels, the accuracy of both and the drop.
-3. Gates, each optional: atol/rtol (numpy.allclose), min_cosine, min_top1_agreement,
-   max_accuracy_drop (default 0.02). NaN or inf in the candidate's outputs fails on its own.
+3. Gates: atol/rtol (numpy.allclose), min_cosine, min_top1_agreement, max_accuracy_drop
+   (default 0.02, with labels). NaN or inf in the candidate's outputs fails on its own. When no
+   gate compared the models (no labels and none set), top-1 agreement >= 0.90 (classifiers) or
+   cosine >= 0.99 (other outputs) applies: a verdict never rests on nothing measured. Labels
+   outside the classes, NaN/inf data and a reference with non-finite outputs are bad input (exit 2).
 4. Report: ``validation/report.json``, ``validation/report.md`` (tables), and
    ``validation/error_distribution.png``, logged to the step's MLflow run with every metric,
    whether the verdict passed or failed. A failed verdict then raises GateFailed naming each
@@ -36,7 +39,7 @@ from airflow_modelopt.container.measure import (
 )
 from airflow_modelopt.exceptions import GateFailed, InputError
 from airflow_modelopt.specs import Verdict
-from airflow_modelopt.specs.validate import ValidateEquivalenceSpec
+from airflow_modelopt.specs.validate import DEFAULT_MIN_COSINE, DEFAULT_MIN_TOP1_AGREEMENT, ValidateEquivalenceSpec
 
 REPORT_DIR = "validation"
 TAG_VERDICT = "modelopt.verdict"
@@ -48,7 +51,9 @@ TAG_VERDICT = "modelopt.verdict"
 def evaluate(spec: ValidateEquivalenceSpec, ref_out: list[np.ndarray], cand_out: list[np.ndarray], names: list[str],
              labels: np.ndarray | None) -> dict[str, Any]:
     """Every measurement, every gate, and the verdict. min_top1_agreement on an output that holds
-    no class scores is an InputError; max_accuracy_drop without labels is skipped (and says so)."""
+    no class scores is an InputError; max_accuracy_drop without labels is skipped (and says so).
+    When no gate compared the models (no labels, nothing set), the default agreement gates apply
+    (``specs/validate.py``); a verdict never rests on no measured gate."""
     gates: list[dict[str, Any]] = []
     reasons: list[str] = []
 
@@ -76,7 +81,10 @@ def evaluate(spec: ValidateEquivalenceSpec, ref_out: list[np.ndarray], cand_out:
              f"gate finite_outputs: candidate output {name!r} has {m['candidate_nan']} NaN and {m['candidate_inf']} inf "
              f"values (of {m['elements']}); threshold 0")
         if m["reference_nonfinite"]:
-            reasons.append(f"reference output {name!r} has {m['reference_nonfinite']} NaN/inf values: nothing to compare against")
+            raise InputError(
+                f"reference_uri: the reference model's output {name!r} has {m['reference_nonfinite']} NaN/inf values "
+                "on finite evaluation data: the reference itself is broken (damaged weights?), nothing to compare against"
+            )
 
     if spec.atol is not None:
         atol, rtol = spec.atol, spec.rtol or 0.0
@@ -107,6 +115,12 @@ def evaluate(spec: ValidateEquivalenceSpec, ref_out: list[np.ndarray], cand_out:
     if pair is not None and is_classifier(*pair):
         if labels is not None and labels.shape[0] != pair[0].shape[0]:
             raise InputError(f"data_uri: labels {LABEL_KEY!r} hold {labels.shape[0]} values for {pair[0].shape[0]} samples")
+        classes = pair[0].shape[1]
+        if labels is not None and labels.size and (labels.min() < 0 or labels.max() >= classes):
+            raise InputError(
+                f"data_uri: labels {LABEL_KEY!r} range from {int(labels.min())} to {int(labels.max())}, but output "
+                f"{class_name!r} scores {classes} classes (labels 0..{classes - 1}); accuracy would measure nothing"
+            )
         classification = {"output": class_name, **classification_metrics(pair[0], pair[1], labels)}
     elif spec.min_top1_agreement is not None and pair is not None:
         raise InputError(
@@ -128,6 +142,20 @@ def evaluate(spec: ValidateEquivalenceSpec, ref_out: list[np.ndarray], cand_out:
         else:
             gates.append({"gate": "max_accuracy_drop", "threshold": spec.max_accuracy_drop, "value": None,
                           "passed": None, "detail": "not checked: " + ("no labels" if labels is None else "not a classifier")})
+    if not any(g["passed"] is not None and g["gate"] != "finite_outputs" for g in gates):
+        # Nothing compared the two models yet (no labels, no gate set): agreement decides.
+        if classification is not None:
+            v, limit = classification["top1_agreement"], DEFAULT_MIN_TOP1_AGREEMENT
+            gate("min_top1_agreement", limit, v, v >= limit, f"output {class_name!r} (default: no labels decide)",
+                 f"gate min_top1_agreement (default without labels): top-1 agreement {v:.4f} is below {limit:g}")
+        else:
+            for name, _, _ in comparable:
+                cos, limit = outputs[name]["cosine_similarity"], DEFAULT_MIN_COSINE
+                gate("min_cosine", limit, cos, cos >= limit, f"output {name!r} (default: no labels decide)",
+                     f"gate min_cosine (default without labels): output {name!r} cosine similarity {cos:.6f} "
+                     f"is below {limit:g}")
+    if not any(g["passed"] is not None and g["gate"] != "finite_outputs" for g in gates) and not reasons:
+        reasons.append("no gate compared the candidate with the reference (no comparable output); no verdict")
     passed = not reasons
     return {"outputs": outputs, "classification": classification, "gates": gates, "passed": passed, "reasons": reasons}
 
