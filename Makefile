@@ -20,6 +20,7 @@ $(VENV)/.installed: pyproject.toml images/tensorflow/requirements-nodeps.txt
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -e ".[all,dev]"
 	$(PIP) install --no-deps -r images/tensorflow/requirements-nodeps.txt   # onnx2tf: its pins would downgrade TensorFlow
+	$(PIP) install --no-deps "tritonclient==2.73.*" "python-rapidjson>=1.14"   # model-config protobuf for tests; its ml-dtypes pin would downgrade TensorFlow's
 	touch $@
 
 venv: $(VENV)/.installed

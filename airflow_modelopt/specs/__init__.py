@@ -24,13 +24,18 @@ from airflow_modelopt.specs.base import (
     spec_class_for,
 )
 from airflow_modelopt.specs.benchmark import BenchmarkSpec
+from airflow_modelopt.specs.distill import DistillSpec
+from airflow_modelopt.specs.mnn_convert import MNNConvertSpec
 from airflow_modelopt.specs.onnx_quantize import OnnxQuantizeSpec
+from airflow_modelopt.specs.openvino_convert import OpenVINOConvertSpec
 from airflow_modelopt.specs.promote import Candidate, PromoteSpec
 from airflow_modelopt.specs.prune import PruneSpec
 from airflow_modelopt.specs.tensorrt_build import TensorRTBuildSpec
 from airflow_modelopt.specs.tflite_quantize import TFLiteQuantizeSpec
+from airflow_modelopt.specs.torch_quantize import TorchQuantizeSpec
 from airflow_modelopt.specs.torch_to_onnx import TorchToOnnxSpec
 from airflow_modelopt.specs.train_example import TrainExampleSpec
+from airflow_modelopt.specs.triton_package import TritonPackageSpec
 from airflow_modelopt.specs.validate import ValidateEquivalenceSpec
 
 __all__ = [
@@ -39,4 +44,6 @@ __all__ = [
     "spec_class_for",
     "BenchmarkSpec", "Candidate", "OnnxQuantizeSpec", "PromoteSpec", "PruneSpec", "TFLiteQuantizeSpec",
     "TensorRTBuildSpec", "TorchToOnnxSpec", "TrainExampleSpec", "ValidateEquivalenceSpec",
+    "DistillSpec", "TorchQuantizeSpec",
+    "MNNConvertSpec", "OpenVINOConvertSpec", "TritonPackageSpec",
 ]

@@ -18,6 +18,8 @@ Formats and their runtimes:
 | ``savedmodel`` | TF SavedModel folder (saved_model.pb) | tensorflow (serving_default signature) |
 | ``keras`` | .keras / .h5 | Keras 3 or tf_keras, chosen from the file's recorded Keras version |
 | ``tensorrt`` | serialized engine (.engine, .plan, .trt) | tensorrt + CUDA (needs a GPU) |
+| ``openvino`` | OpenVINO IR (.xml + its .bin) | OpenVINO CPU plugin |
+| ``mnn`` | .mnn model | MNN CPU backend (Module API) |
 
 Detection: the file suffix; for a folder, its MLflow ``MLmodel`` flavors (onnx, pytorch),
 ``saved_model.pb``, or the single model file inside. ``modelopt_signature.json`` beside the model
@@ -49,6 +51,8 @@ BACKENDS: dict[str, tuple[str, str]] = {
     "savedmodel": ("tf_backend", "SavedModelRuntime"),
     "keras": ("tf_backend", "KerasRuntime"),
     "tensorrt": ("tensorrt_backend", "TensorRTRuntime"),
+    "openvino": ("openvino_backend", "OpenVINORuntime"),
+    "mnn": ("mnn_backend", "MNNRuntime"),
 }
 
 #: Files in a model folder that are metadata, never the model.

@@ -28,10 +28,20 @@ def load_exported_program(path: Path, *, field: str = "model_uri", origin: str |
     the opt-in."""
     import torch
 
+    _register_quantized_ops()
     if trust.model_code_allowed():
         return torch.export.load(str(path))
     with _weights_only_unpickling(Path(path), field, origin):
         return torch.export.load(str(path))
+
+
+def _register_quantized_ops() -> None:
+    """Register the ``quantized_decomposed`` ops PT2E int8 programs (the torch_quantize step) call:
+    torch.export.load cannot resolve them otherwise. Part of torch, no torchao needed to run them."""
+    try:
+        import torch.ao.quantization.fx._decomposed  # noqa: F401
+    except ImportError:  # a torch without them cannot run such a program; its load error says which op
+        pass
 
 
 def load_pickled_mlflow_model(path: Path, *, field: str = "model_uri", origin: str | None = None) -> Any:

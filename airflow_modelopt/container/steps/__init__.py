@@ -9,14 +9,19 @@ from __future__ import annotations
 
 STEP_MODULES: dict[str, str] = {
     "benchmark": "airflow_modelopt.container.steps.benchmark",
+    "distill": "airflow_modelopt.container.steps.distill",
     "onnx_quantize": "airflow_modelopt.container.steps.onnx_quantize",
     "promote": "airflow_modelopt.container.steps.promote",
     "prune": "airflow_modelopt.container.steps.prune",
     "tensorrt_build": "airflow_modelopt.container.steps.tensorrt_build",
     "tflite_quantize": "airflow_modelopt.container.steps.tflite_quantize",
+    "torch_quantize": "airflow_modelopt.container.steps.torch_quantize",
     "torch_to_onnx": "airflow_modelopt.container.steps.torch_to_onnx",
     "train_example": "airflow_modelopt.container.steps.train_example",
     "validate": "airflow_modelopt.container.steps.validate",
+    "mnn_convert": "airflow_modelopt.container.steps.mnn_convert",
+    "openvino_convert": "airflow_modelopt.container.steps.openvino_convert",
+    "triton_package": "airflow_modelopt.container.steps.triton_package",
 }
 
 __all__ = ["STEP_MODULES"]
