@@ -93,8 +93,11 @@ def _check_array(a: np.ndarray, inp: TensorInfo, field_name: str) -> np.ndarray:
     except TypeError:
         want_dtype = None
     if want_dtype is not None and a.dtype != want_dtype:
-        if not np.can_cast(a.dtype, want_dtype, casting="same_kind"):
-            raise InputError(f"{where} has dtype {a.dtype}, which does not convert to {want_dtype} without loss of kind")
+        # the runtimes layer's rule (validate and benchmark read the same data): floats feed float
+        # inputs, integers integer inputs; integer data for a float input is refused, not converted
+        if a.dtype.kind != want_dtype.kind and not (a.dtype.kind in "iu" and want_dtype.kind in "iu"):
+            raise InputError(f"{where} has dtype {a.dtype}, but the model's input is {want_dtype}: give "
+                             f"{'float' if want_dtype.kind == 'f' else 'integer'} values")
         a = a.astype(want_dtype)
     if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
         raise InputError(f"{where} contains NaN or infinite values")
