@@ -270,6 +270,19 @@ class ModelOptOperator(BaseOperator):
             self.log.info("  metric %s = %.6g", name, value)
         return result.model_dump(mode="json")
 
+    def render_template_fields(self, context: Context, jinja_env: Any = None) -> None:
+        """Rendering runs before ``execute``: a template that fails (an upstream task left no XCom)
+        is not a transient failure, so it must not ride on the retries added for exit 4."""
+        try:
+            super().render_template_fields(context, jinja_env)
+        except (AirflowFailException, AirflowSkipException):
+            raise
+        except Exception as exc:
+            if self._own_retries_spent(context):
+                raise AirflowFailException(f"{type(self).__name__} {self.task_id!r}: a templated argument did not "
+                                           f"render: {type(exc).__name__}: {exc}") from exc
+            raise
+
     def _own_retries_spent(self, context: Context) -> bool:
         """True when Airflow would retry only because of the retries added for transient failures."""
         if self.retries is None or self.retries <= self.own_retries:

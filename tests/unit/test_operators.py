@@ -261,3 +261,19 @@ def test_trust_model_code_is_off_unless_the_task_or_the_deployment_opts_in(monke
     explicit = TorchToOnnxOperator(task_id="export2", model_uri="runs:/abc/model.pt2", input_shapes={"x": [1, 4]},
                                    trust_model_code=False)
     assert explicit.build_spec(None).context.trust_model_code is False
+
+
+def test_a_template_that_cannot_render_fails_the_task_without_the_transient_retries():
+    """Rendering happens before execute: an upstream task that left no XCom is not an MLflow outage,
+    so the retries added for exit 4 must not apply (a DAG run once waited 35 min of backoff on it)."""
+    from types import SimpleNamespace
+
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from airflow_modelopt.operators import BenchmarkOperator
+
+    op = BenchmarkOperator(task_id="bench", model_uri="{{ ti.xcom_pull(task_ids='train')['artifacts']['m'] }}")
+    assert op.retries == 3 and op.own_retries == 0  # the transient retries are there
+    ti = SimpleNamespace(try_number=1, xcom_pull=lambda **_: None)
+    with pytest.raises(AirflowFailException, match=r"BenchmarkOperator 'bench': a templated argument did not render"):
+        op.render_template_fields({"ti": ti})
