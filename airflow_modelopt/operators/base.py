@@ -234,6 +234,19 @@ class ModelOptOperator(BaseOperator):
         )
 
     def execute(self, context: Context) -> dict[str, Any]:
+        """Run the step. Only an unreachable MLflow (exit 4) rides on the retries added for transient
+        failures; any other error is retried only as often as the task's own ``retries`` allow."""
+        try:
+            return self._execute(context)
+        except (AirflowFailException, AirflowSkipException, TrackingUnavailableError):
+            raise
+        except Exception as exc:
+            if self._own_retries_spent(context):
+                raise AirflowFailException(f"{exc}\n(no retry left: the task's retries are {self.own_retries}; "
+                                           "only an unreachable MLflow is retried beyond them)") from exc
+            raise
+
+    def _execute(self, context: Context) -> dict[str, Any]:
         try:
             mode = config.resolve_execution_mode(self.execution_mode)
             spec = self.build_spec(context, mode=mode)
@@ -251,15 +264,7 @@ class ModelOptOperator(BaseOperator):
             "Running step %s in %s mode; MLflow: %s (%s)", spec.step, mode, tracking.tracking_uri, tracking.source
         )
         self._launcher = LAUNCHERS[mode](self.launch_request(spec, tracking), self.log)
-        try:
-            result: StepResult = self._launcher.launch(context)
-        except (AirflowFailException, AirflowSkipException, TrackingUnavailableError):
-            raise
-        except Exception as exc:
-            if self._own_retries_spent(context):
-                raise AirflowFailException(f"{exc}\n(no retry left: the task's retries are {self.own_retries}; "
-                                           "only an unreachable MLflow is retried beyond them)") from exc
-            raise
+        result: StepResult = self._launcher.launch(context)
         self.log.info(
             "Step %s %s: MLflow run %s, cache key %s", spec.step,
             "reused a cached run" if result.cache_hit else "finished", result.mlflow_run_id, result.cache_key[:16],
