@@ -85,7 +85,8 @@ def test_all_mlflow_calls_of_a_step_share_one_retry_budget():
     """Against a server that does not answer, the first call gives up when the budget is spent (not
     after MLflow's own ~4-minute retry cycle) and later calls give up at once."""
     proc = subprocess.run([sys.executable, "-c", BUDGET_PROBE], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{closed_port()}",
+                          env={**{k: v for k, v in os.environ.items() if k != "MLFLOW_HTTP_REQUEST_TIMEOUT"},
+                               "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{closed_port()}",
                                "MODELOPT_MLFLOW_RETRY_BUDGET": "3"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     probe = json.loads(proc.stdout.strip().splitlines()[-1])
