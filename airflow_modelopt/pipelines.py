@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from airflow_modelopt.operators.xcom import artifact
-from airflow_modelopt.targets import TARGET_CHAINS, TARGETS, builds, parse_targets
+from airflow_modelopt.targets import TARGET_CHAINS, TARGET_DESCRIPTIONS, TARGETS, builds, parse_targets
 
 #: The operator whose builds need an NVIDIA GPU.
 _GPU_OPERATORS = ("TensorRTBuildOperator",)
@@ -131,8 +131,30 @@ def optimization_pipeline(
     extra = operator_kwargs or {}
     all_builds = builds()
 
-    with TaskGroup(group_id=group_id) as group:
-        prefix = f"{group_id}."
+    with TaskGroup(group_id=group_id, tooltip="Build, validate and benchmark each target, then promote") as group:
+        # Tasks keep the ids ``<group_id>.<task>`` however they are grouped below: the per-target and
+        # shared-build groups do not prefix (prefix_group_id=False), the task ids carry the outer prefix.
+        prefix = group.child_id("")
+        # One TaskGroup per target (its own builds, validation, benchmark), so the grid and the graph
+        # read per target; the targets' input checks sit in one "check inputs" group before them and
+        # builds used by several targets (the ONNX export) in one "shared builds" group: checks ->
+        # shared builds -> targets -> promote, with no cycle between groups (the UI sorts groups
+        # topologically). Groups only arrange the display: ids and dependencies are as before.
+        checks = TaskGroup(group_id="check_inputs", group_display_name="check inputs", prefix_group_id=False,
+                           tooltip="Per selected target: are the inputs its builds need given?")
+        target_groups = {
+            t: TaskGroup(group_id=f"branch_{t}", group_display_name=t, prefix_group_id=False,
+                         tooltip=TARGET_DESCRIPTIONS.get(t, t))
+            for t in available_targets
+        }
+        shared_groups: list[Any] = []
+
+        def shared_group() -> Any:
+            if not shared_groups:
+                shared_groups.append(TaskGroup(group_id="shared_builds", group_display_name="shared builds",
+                                               prefix_group_id=False,
+                                               tooltip="Builds several targets start from (run once)"))
+            return shared_groups[0]
 
         @task.branch(task_id="select_targets")
         def select_targets(requested: Any) -> list[str]:
@@ -147,7 +169,8 @@ def optimization_pipeline(
             trt = [t for t in TARGET_CHAINS[target][0] if all_builds[t].operator in _GPU_OPERATORS]
             mode = extra.get(trt[0], {}).get("execution_mode", execution_mode) if trt else execution_mode
 
-            @task(task_id=f"target_{target}", retries=0)
+            @task(task_id=f"{prefix}target_{target}", task_display_name=target, retries=0,
+                  task_group=checks)
             def check(calibration: Any, evaluation: Any, train: Any, execution: Any) -> None:
                 problems = target_problems(target, calibration_data_uri=calibration, eval_data_uri=evaluation,
                                            train_data_uri=train, execution_mode=execution)
@@ -181,7 +204,11 @@ def optimization_pipeline(
                 # SKIPPED as soon as one upstream is skipped). A shared build with an upstream build
                 # keeps none_failed_min_one_success: that build must have succeeded.
                 kwargs["trigger_rule"] = "one_success" if spec.source is None else "none_failed_min_one_success"
-            op = getattr(ops, spec.operator)(task_id=task_id, **common, **kwargs, **extra.get(task_id, {}))
+                home = shared_group()
+            else:
+                home = target_groups[users[task_id][0]]
+            kwargs = {"task_display_name": task_id, **kwargs, **extra.get(task_id, {})}
+            op = getattr(ops, spec.operator)(task_id=prefix + task_id, task_group=home, **common, **kwargs)
             if spec.source is not None:
                 build(spec.source) >> op
             [gates[t] for t in users[task_id]] >> op
@@ -196,19 +223,21 @@ def optimization_pipeline(
                 build(task_id)
             last = chain[-1]
             candidate = artifact(prefix + last, art)
+            home = target_groups[target]
             validate = ops.ValidateEquivalenceOperator(
-                task_id=f"validate_{target}", reference_uri=model_uri, candidate_uri=candidate,
+                task_id=f"{prefix}validate_{target}", task_group=home, task_display_name="validate",
+                reference_uri=model_uri, candidate_uri=candidate,
                 data_uri=eval_data_uri, candidate_format=fmt, candidate_name=target,
                 max_accuracy_drop=max_accuracy_drop, min_top1_agreement=min_top1_agreement,
                 **common, **extra.get(f"validate_{target}", {}))
             bench = ops.BenchmarkOperator(
-                task_id=f"benchmark_{target}", model_uri=candidate, model_format=fmt, data_uri=eval_data_uri,
+                task_id=f"{prefix}benchmark_{target}", task_group=home, task_display_name="benchmark",
+                model_uri=candidate, model_format=fmt, data_uri=eval_data_uri,
                 timed_runs=benchmark_runs, candidate_name=target, **common, **extra.get(f"benchmark_{target}", {}))
             made[last] >> validate >> bench
             branch_ends.append(bench)
             candidate_tasks[target] = {"chain": [prefix + c for c in chain], "artifact": art,
-                                       "validate": prefix + validate.task_id.split(".")[-1],
-                                       "benchmark": prefix + bench.task_id.split(".")[-1]}
+                                       "validate": validate.task_id, "benchmark": bench.task_id}
         promote = ops.PromoteModelOperator(
             task_id="promote", registered_model_name=registered_model_name, objective=objective,
             candidate_tasks=candidate_tasks, selected_targets=targets, source_model_uri=model_uri,

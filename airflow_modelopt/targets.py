@@ -18,6 +18,25 @@ TARGETS = (
 )
 
 
+#: What each target produces, in a few words (the trigger form's choices, the DAG docs, group tooltips).
+TARGET_DESCRIPTIONS: dict[str, str] = {
+    "onnx_fp32": "ONNX fp32 export (ONNX Runtime)",
+    "onnx_int8_dynamic": "ONNX int8, dynamic quantization (no calibration data)",
+    "onnx_int8_static": "ONNX int8, static QDQ quantization (calibration data)",
+    "tflite_fp16": "TFLite fp16 (from the ONNX export)",
+    "tflite_int8": "TFLite full int8 (calibration data)",
+    "pruned_onnx_int8": "50% channel-pruned, fine-tuned, then ONNX static int8",
+    "tensorrt_fp16": "TensorRT engine fp16 (needs an NVIDIA GPU)",
+    "tensorrt_int8": "TensorRT engine int8 (NVIDIA GPU, calibration data)",
+    "torch_int8": "PyTorch PT2E int8 .pt2 (calibration data)",
+    "distilled_onnx_int8": "distilled half-width student, then ONNX static int8",
+    "openvino_fp32": "OpenVINO IR fp32",
+    "openvino_int8": "OpenVINO IR int8 with NNCF (calibration data)",
+    "mnn_fp32": "MNN fp32 (mobile)",
+    "mnn_int8": "MNN int8 (mobile, calibration data)",
+}
+
+
 @dataclass(frozen=True)
 class Build:
     """One build task: which operator, with which arguments, from which upstream build."""
@@ -105,4 +124,4 @@ def parse_targets(value: Any) -> list[str]:
     return list(dict.fromkeys(targets))
 
 
-__all__ = ["TARGETS", "TARGET_CHAINS", "Build", "builds", "parse_targets"]
+__all__ = ["TARGETS", "TARGET_CHAINS", "TARGET_DESCRIPTIONS", "Build", "builds", "parse_targets"]

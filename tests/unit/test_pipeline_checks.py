@@ -73,3 +73,39 @@ def test_the_gate_task_fails_its_branch_without_retry_naming_the_reason(monkeypa
     # (one_success: all_done_min_one_success would turn SKIPPED as soon as an unselected target's gate is skipped)
     assert dag.get_task("optimize.export_onnx").trigger_rule == "one_success"
     assert dag.get_task("optimize.tensorrt_fp16").trigger_rule == "all_success"
+
+
+def test_each_target_reads_as_one_group_and_shared_builds_as_another():
+    """The grid and graph show one group per target (its own builds, validate, benchmark), one
+    "check inputs" group of the targets' gates and one "shared builds" group (the ONNX export
+    several targets start from); the grouping changes only the display: task ids stay
+    ``optimize.<task>``, and the groups have no cycle between them (the UI's graph needs that)."""
+    dag = dag_with_pipeline(calibration_data_uri="c.npz", eval_data_uri="e.npz",
+                            available_targets=("onnx_fp32", "onnx_int8_static", "pruned_onnx_int8"))
+    optimize = dag.task_group_dict["optimize"]
+    groups = {g.group_display_name or g.label: g for g in optimize.children.values() if hasattr(g, "children")}
+    assert set(groups) == {"onnx_fp32", "onnx_int8_static", "pruned_onnx_int8", "shared builds", "check inputs"}
+
+    def members(name):
+        return {t.task_id: t.label for t in groups[name].children.values()}
+
+    assert members("shared builds") == {"optimize.export_onnx": "export_onnx"}
+    assert members("check inputs")["optimize.target_onnx_int8_static"] == "onnx_int8_static"
+    assert members("onnx_int8_static") == {"optimize.onnx_int8_static": "onnx_int8_static",
+        "optimize.validate_onnx_int8_static": "validate", "optimize.benchmark_onnx_int8_static": "benchmark"}
+    # The pruned target's whole chain is its own: prune -> export -> quantize sit in its group.
+    assert {"optimize.prune", "optimize.export_pruned_onnx", "optimize.pruned_onnx_int8"} <= set(members("pruned_onnx_int8"))
+    assert dag.get_task("optimize.select_targets").task_group is optimize
+    assert dag.get_task("optimize.promote").task_group is optimize
+    # Dependencies across the groups are unchanged: the export waits for the gates of the targets using it.
+    assert dag.get_task("optimize.export_onnx").upstream_task_ids == {
+        "optimize.target_onnx_fp32", "optimize.target_onnx_int8_static"}
+    # What the UI does with the groups: serialize, then sort each group's children topologically.
+    from airflow.api_fastapi.core_api.services.ui.task_group import task_group_to_dict
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    shown = task_group_to_dict(DagSerialization.from_dict(DagSerialization.to_dict(dag)).task_group)
+    optimize_node = next(c for c in shown["children"] if c["id"] == "optimize")
+    order = [c["label"] for c in optimize_node["children"] if c.get("type") != "join"]
+    assert order.index("check inputs") < order.index("shared builds") < order.index("onnx_int8_static") \
+        < order.index("promote"), order
