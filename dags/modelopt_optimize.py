@@ -16,9 +16,47 @@ from datetime import datetime
 from airflow.sdk import DAG, Asset, Param, task
 
 from airflow_modelopt.pipelines import optimization_pipeline
-from airflow_modelopt.targets import TARGETS
+from airflow_modelopt.targets import TARGET_DESCRIPTIONS, TARGETS
 
 TRAINED_MODEL = Asset("modelopt_trained_model", uri="modelopt://trained-model")
+
+#: The trigger form's choices: each target with what it produces.
+TARGET_CHOICES = {t: f"{t}: {TARGET_DESCRIPTIONS[t]}" for t in TARGETS}
+EXECUTION_MODES = {"": "default ([modelopt] execution_mode)", "local": "local (subprocess on the worker)",
+                   "docker": "docker (one image per step)", "kubernetes": "kubernetes (one pod per step)"}
+TARGET_TABLE = "\n".join(f"| `{t}` | {d} |" for t, d in TARGET_DESCRIPTIONS.items())
+
+DOC_MD = f"""
+### Optimize a trained model
+
+Builds each selected **target** from a trained model, checks it computes the same thing
+(validate), measures it (benchmark) and registers the passing ones in the MLflow Model Registry
+(promote: alias `<target>` on each, `champion` on the best by the objective).
+
+**Trigger it**: *Trigger* (top right) and fill the form. Only the three URIs have no default:
+
+* **Model URI**: a `.pt2` (torch.export) as a path or URI: `runs:/<run id>/model/model.pt2`,
+  `models:/<name>/<version>`.
+* **Calibration / evaluation data URIs**: `.npz` files, inputs under their input name (or `x`),
+  labels under `y`: `runs:/<run id>/data/calibration.npz`, `runs:/<run id>/data/eval.npz`.
+
+Where to get them: `make demo` trains the example digits CNN (DAG `modelopt_retrain_and_optimize`)
+and logs all three on its `train` MLflow run; the demo's summary prints that run's id, and the
+`train` task's XCom (`artifacts`) holds the ready-to-paste URIs. Your own training DAG can instead
+emit the Asset `modelopt_trained_model` with those URIs in the event's extra: this DAG then runs on
+its own.
+
+Also from the CLI: `airflow dags trigger modelopt_optimize -c '{{"model_uri": "...", "calibration_data_uri": "...", "eval_data_uri": "..."}}'`.
+
+**What you get**: in the grid, one group per target (its builds, `validate`, `benchmark`); every
+step task has an **MLflow run** link, promote an **MLflow registered model** link. In MLflow,
+experiment `modelopt_optimize` (switch MLflow's UI to *Model training*): one parent run per DAG
+run with the candidate table and comparison plot, and the versions of the registered model.
+
+| target | produces |
+| --- | --- |
+{TARGET_TABLE}
+"""
 
 with DAG(
     dag_id="modelopt_optimize",
@@ -27,6 +65,7 @@ with DAG(
     start_date=datetime(2026, 1, 1),
     catchup=False,
     tags=["modelopt"],
+    doc_md=DOC_MD,
     params={
         "model_uri": Param(
             "", type="string", title="Model URI",
@@ -45,13 +84,16 @@ with DAG(
             description=".npz the pruned target fine-tunes on: inputs, labels under y optional (without them "
             "the pruned model learns from the unpruned one by distillation); empty means the calibration split",
         ),
+        # examples + values_display: the form shows a multi-select of the known targets, each with
+        # what it produces; items.enum makes the API refuse any other name.
         "targets": Param(
             ["onnx_fp32", "onnx_int8_static", "tflite_int8"], type="array", title="Targets",
-            items={"type": "string", "enum": list(TARGETS)}, minItems=1,
-            description="Deployables to build; each is validated and benchmarked in its own branch",
+            items={"type": "string", "enum": list(TARGETS)}, minItems=1, uniqueItems=True,
+            examples=list(TARGETS), values_display=TARGET_CHOICES,
+            description="Deployables to build (pick one or more); each is validated and benchmarked in its own group",
         ),
         "registered_model_name": Param(
-            "digits-optimized", type="string", minLength=1, maxLength=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$",
+            "digits-cnn", type="string", minLength=1, maxLength=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$",
             title="Registered model name", description="MLflow registered model the passing candidates join",
         ),
         "max_accuracy_drop": Param(0.02, type="number", minimum=0, maximum=1, title="Max accuracy drop",
@@ -60,9 +102,11 @@ with DAG(
                                     description="Gate: share of samples whose top-1 class matches the source model"),
         "objective": Param("latency_p50", type="string", enum=["latency_p50", "size"], title="Objective",
                            description="What the champion minimizes among passing candidates"),
-        "execution_mode": Param("", type=["null", "string"], enum=["", "local", "docker", "kubernetes"], title="Execution mode",
-                                description="Where steps run; empty means [modelopt] execution_mode"),
-        "force": Param(False, type="boolean", title="Force",
+        "execution_mode": Param("", type=["null", "string"], enum=["", "local", "docker", "kubernetes"],
+                                values_display=EXECUTION_MODES, title="Execution mode",
+                                description="Where steps run; the default is the deployment's [modelopt] execution_mode"),
+        # "null" in the type: an optional toggle, so the form shows no required marker.
+        "force": Param(False, type=["null", "boolean"], title="Force rebuild",
                        description="Rebuild even when a finished MLflow run with the same cache key exists"),
     },
 ) as dag:

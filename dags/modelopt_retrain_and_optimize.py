@@ -16,7 +16,32 @@ from airflow.sdk import DAG, Param
 
 from airflow_modelopt.operators import TrainExampleModelOperator, artifact
 from airflow_modelopt.pipelines import optimization_pipeline
-from airflow_modelopt.targets import TARGETS
+from airflow_modelopt.targets import TARGET_DESCRIPTIONS, TARGETS
+
+TARGET_CHOICES = {t: f"{t}: {TARGET_DESCRIPTIONS[t]}" for t in TARGETS}
+EXECUTION_MODES = {"": "default ([modelopt] execution_mode)", "local": "local (subprocess on the worker)",
+                   "docker": "docker (one image per step)", "kubernetes": "kubernetes (one pod per step)"}
+TARGET_TABLE = "\n".join(f"| `{t}` | {d} |" for t, d in TARGET_DESCRIPTIONS.items())
+
+DOC_MD = f"""
+### Retrain the example model, then optimize it
+
+Weekly, or on *Trigger*: trains the example digits CNN (scikit-learn's digits, 8x8 images) and
+logs it to MLflow (`train` task: `model/model.pt2` and the `data/{{train,calibration,eval}}.npz`
+splits), then runs the same optimization groups as `modelopt_optimize` on it: one group per target
+(its builds, `validate`, `benchmark`) and `promote`, which registers the passing candidates as
+versions of the registered model (default `digits-cnn`, as `make demo` uses).
+
+Every form field has a default: *Trigger* runs it as is. Each step task has an **MLflow run**
+link; in MLflow (switch its UI to *Model training*) the experiment is
+`modelopt_retrain_and_optimize`. The `train` run's URIs are what `modelopt_optimize` takes
+(`runs:/<train run id>/model/model.pt2`, `runs:/<train run id>/data/calibration.npz`,
+`runs:/<train run id>/data/eval.npz`).
+
+| target | produces |
+| --- | --- |
+{TARGET_TABLE}
+"""
 
 with DAG(
     dag_id="modelopt_retrain_and_optimize",
@@ -26,17 +51,22 @@ with DAG(
     catchup=False,
     max_active_runs=1,
     tags=["modelopt", "example"],
+    doc_md=DOC_MD,
     params={
-        "epochs": Param(15, type="integer", minimum=1, maximum=500, description="Training epochs"),
-        "targets": Param(["onnx_fp32", "onnx_int8_static", "tflite_int8"], type="array",
-                         items={"type": "string", "enum": list(TARGETS)}, minItems=1,
-                         description="Deployables to build from the retrained model"),
-        "registered_model_name": Param("digits-cnn", type="string", minLength=1,
+        "epochs": Param(15, type="integer", minimum=1, maximum=500, title="Epochs", description="Training epochs"),
+        "targets": Param(["onnx_fp32", "onnx_int8_static", "tflite_int8"], type="array", title="Targets",
+                         items={"type": "string", "enum": list(TARGETS)}, minItems=1, uniqueItems=True,
+                         examples=list(TARGETS), values_display=TARGET_CHOICES,
+                         description="Deployables to build from the retrained model (pick one or more)"),
+        "registered_model_name": Param("digits-cnn", type="string", minLength=1, title="Registered model name",
                                        description="MLflow registered model the passing candidates join"),
-        "max_accuracy_drop": Param(0.02, type="number", minimum=0, maximum=1, description="Gate on accuracy drop"),
+        "max_accuracy_drop": Param(0.02, type="number", minimum=0, maximum=1, title="Max accuracy drop",
+                                   description="Gate: candidate accuracy may fall at most this much (0.02 = 2 points)"),
         "execution_mode": Param("", type=["null", "string"], enum=["", "local", "docker", "kubernetes"],
-                                description="Where steps run; empty means [modelopt] execution_mode"),
-        "force": Param(False, type="boolean", description="Rebuild even when a cached MLflow run matches"),
+                                values_display=EXECUTION_MODES, title="Execution mode",
+                                description="Where steps run; the default is the deployment's [modelopt] execution_mode"),
+        "force": Param(False, type=["null", "boolean"], title="Force rebuild",
+                       description="Rebuild even when a cached MLflow run matches"),
     },
 ) as dag:
     common = {"execution_mode": "{{ params.execution_mode }}", "force": "{{ params.force }}"}
