@@ -36,6 +36,9 @@ def get_provider_info() -> dict:
             {"integration-name": "airflow-modelopt", "python-modules": operator_modules}
         ],
         "hooks": [{"integration-name": "airflow-modelopt", "python-modules": ["airflow_modelopt.hooks.mlflow"]}],
+        # Buttons on a step task's page: its MLflow run; on promote, the registered model too.
+        "extra-links": ["airflow_modelopt.operators.links.MlflowRunLink",
+                        "airflow_modelopt.operators.links.MlflowRegisteredModelLink"],
         "connection-types": [
             {"hook-class-name": "airflow_modelopt.hooks.mlflow.MlflowHook", "connection-type": "mlflow"}
         ],

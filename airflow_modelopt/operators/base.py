@@ -20,6 +20,7 @@ from airflow_modelopt import config
 from airflow_modelopt.exceptions import SpecError
 from airflow_modelopt.hooks.mlflow import MlflowHook, TrackingConfig
 from airflow_modelopt.operators.launchers import LAUNCHERS, Launcher, LaunchRequest, TrackingUnavailableError
+from airflow_modelopt.operators.links import LINKS_ATTR, MlflowRegisteredModelLink, MlflowRunLink, step_links, ui_base
 from airflow_modelopt.specs import RunContext, StepResult, StepSpec, format_validation_error
 from airflow_modelopt.uris import check_experiment_name
 
@@ -77,6 +78,9 @@ class ModelOptOperator(BaseOperator):
     _spec_fields: ClassVar[tuple[str, ...]] = ()
     template_fields = _COMMON_TEMPLATE_FIELDS
     ui_color = "#dbeafe"
+    #: A button on the task's page to its MLflow run (see operators/links.py); promote adds one to
+    #: the registered model.
+    operator_extra_links = (MlflowRunLink(),)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -88,6 +92,8 @@ class ModelOptOperator(BaseOperator):
         if clashes:
             raise TypeError(f"{spec.__name__} fields clash with operator attributes: {clashes}")
         cls._spec_fields = fields
+        if spec.step_name() == "promote":
+            cls.operator_extra_links = (MlflowRunLink(), MlflowRegisteredModelLink())
         cls.template_fields = (*fields, *_COMMON_TEMPLATE_FIELDS, *getattr(cls, "extra_template_fields", ()))
         lines = [f"{cls.__doc__ or spec.__doc__ or ''}".rstrip(), "", f"Step ``{spec.step_name()}`` "
                  f"(image family ``{spec.image_family}``). Spec fields, all templated:", ""]
@@ -273,7 +279,17 @@ class ModelOptOperator(BaseOperator):
             self.log.info("  artifact %s: %s", name, uri)
         for name, value in sorted(result.metrics.items()):
             self.log.info("  metric %s = %.6g", name, value)
-        return result.model_dump(mode="json")
+        output = result.model_dump(mode="json")
+        setattr(self, LINKS_ATTR, step_links(ui_base(tracking.tracking_uri, self._ui_url()), output))
+        return output
+
+    def _ui_url(self) -> str | None:
+        """The MLflow UI people reach (connection extra ``ui_url``), when it differs from the tracking URI."""
+        try:
+            extra = self.mlflow_hook.get_connection(self.mlflow_hook.mlflow_conn_id).extra_dejson or {}
+        except Exception:  # noqa: BLE001 - no connection: the embedded store, which has no UI to link to
+            return None
+        return extra.get("ui_url") or None
 
     def render_template_fields(self, context: Context, jinja_env: Any = None) -> None:
         """Rendering runs before ``execute``: a template that fails (an upstream task left no XCom)

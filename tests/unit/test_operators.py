@@ -277,3 +277,53 @@ def test_a_template_that_cannot_render_fails_the_task_without_the_transient_retr
     ti = SimpleNamespace(try_number=1, xcom_pull=lambda **_: None)
     with pytest.raises(AirflowFailException, match=r"BenchmarkOperator 'bench': a templated argument did not render"):
         op.render_template_fields({"ti": ti})
+
+
+# --- extra links -------------------------------------------------------------------------------------
+
+def test_a_finished_step_links_its_task_to_its_mlflow_run(monkeypatch):
+    """The link Airflow stores when the task ends points at the step's run in the connection's
+    MLflow UI (extra ``ui_url`` when people reach it under another name than the workers)."""
+    from types import SimpleNamespace
+
+    from airflow_modelopt.operators import launchers
+    from airflow_modelopt.operators.links import MlflowRunLink
+    from airflow_modelopt.specs import StepResult
+
+    class FinishingLauncher(launchers.Launcher):
+        def launch(self, context):
+            return StepResult(step="torch_to_onnx", mlflow_run_id="abc123", experiment_id="7", cache_key="k" * 64)
+
+    class Hook(_FakeHook):
+        mlflow_conn_id = "mlflow_default"
+
+        def __init__(self, extra):
+            self.extra = extra
+
+        def get_connection(self, conn_id):
+            return SimpleNamespace(extra_dejson=self.extra)
+
+    monkeypatch.setitem(launchers.LAUNCHERS, "local", FinishingLauncher)
+    for extra, base in (({}, "http://mlflow:5000"), ({"ui_url": "https://mlflow.example.com/"},
+                                                     "https://mlflow.example.com")):
+        op = _export()
+        op.__dict__["mlflow_hook"] = Hook(extra)
+        assert MlflowRunLink().get_link(op, ti_key=None) == ""  # before it ran: no link yet
+        op.execute({"ti": SimpleNamespace(try_number=1, dag_id="d", run_id="r")})
+        assert MlflowRunLink().get_link(op, ti_key=None) == f"{base}/#/experiments/7/runs/abc123"
+    assert [link.name for link in TorchToOnnxOperator.operator_extra_links] == ["MLflow run"]
+
+
+def test_promote_links_to_the_registered_model_and_links_are_registered_with_the_provider():
+    from airflow_modelopt import get_provider_info
+    from airflow_modelopt.operators import PromoteModelOperator
+    from airflow_modelopt.operators.links import step_links, ui_base
+
+    assert [link.name for link in PromoteModelOperator.operator_extra_links] == ["MLflow run", "MLflow registered model"]
+    links = step_links(ui_base("http://127.0.0.1:5000"), {"mlflow_run_id": "r1", "experiment_id": "3",
+                                                          "info": {"registered_model_name": "digits cnn"}})
+    assert links["MLflow registered model"] == "http://127.0.0.1:5000/#/models/digits%20cnn"
+    # A local store has no UI: no URL, so the button stays disabled rather than pointing nowhere.
+    assert step_links(ui_base("sqlite:////tmp/mlflow.db"), {"mlflow_run_id": "r1"}) == {"MLflow run": ""}
+    assert set(get_provider_info()["extra-links"]) == {
+        f"airflow_modelopt.operators.links.{c}" for c in ("MlflowRunLink", "MlflowRegisteredModelLink")}
