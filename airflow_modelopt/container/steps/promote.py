@@ -4,10 +4,13 @@
   is not deleted) and holds the artifact, or its ``models:/`` URI resolves. Anything missing fails
   the step (InputError, exit 2, not retried) naming each such candidate's target and what is
   missing, with nothing registered and no alias moved.
-* Every passing candidate becomes a version of ``registered_model_name``, tagged with its
-  lineage (source model, target, chain of steps and their parameters, tool versions, DAG run)
-  and its validation and benchmark metrics. A candidate is identified by its build step's cache
-  key: a retried or re-run promotion finds the version it registered before and registers none.
+* Every passing candidate becomes a version of ``registered_model_name`` with a short Markdown
+  description (target, verdict, the validation and benchmark figures, lineage, runs, tool
+  versions) and a handful of tags to filter on (target, verdict, source model, lineage, DAG run,
+  calibration data, the key metrics ``KEY_METRICS``); when the version is an MLflow logged model,
+  every metric of the candidate goes on that model (MLflow 3's Models tab). A candidate is
+  identified by its build step's cache key: a retried or re-run promotion finds the version it
+  registered before and registers none.
 * Alias ``<target>`` moves to the newest passing version of that target.
 * ``champion`` moves to the policy winner (lowest objective among passing candidates) only if it
   beats the current champion on the objective without a worse accuracy drop; otherwise the
@@ -16,7 +19,9 @@
   run's parent run and into the result.
 * The outcome ends the DAG run's parent run: tags ``modelopt.outcome`` (all_passed, some_failed,
   none_passed, error) and ``modelopt.failed_targets``, metrics ``modelopt.candidates``,
-  ``modelopt.candidates_passed`` and ``modelopt.candidates_failed``, then FINISHED, or FAILED
+  ``modelopt.candidates_passed`` and ``modelopt.candidates_failed``, the winner's
+  ``modelopt.champion_*`` (or ``challenger_*``) latency, size, accuracy and drop, params
+  (registered model, objective, targets), then FINISHED, or FAILED
   when nothing passed or promotion itself failed. No passing candidate fails the step (GateFailed,
   naming each target's reason), so the DAG run does not end green with nothing promoted.
 
@@ -206,24 +211,97 @@ def _candidate_key(c: Candidate) -> str:
     return hashlib.sha256(f"{c.target}|{c.model_uri}".encode()).hexdigest()
 
 
-def _version_tags(spec: PromoteSpec, c: Candidate, calibration_digest: str | None = None) -> dict[str, str]:
-    import mlflow
+#: The metrics kept as version tags, the ones people filter and sort versions on (the policy
+#: reads the objective metrics and accuracy_drop of the champion from them). Every metric of the
+#: candidate goes on its MLflow logged model instead, when it has one (the Models tab).
+KEY_METRICS = ("accuracy_drop", "candidate_accuracy", "top1_agreement", "latency_ms_p50", "model_bytes")
 
+#: The rows of a version's description table: metric -> label (the ones the candidate has).
+DESCRIPTION_METRICS = {
+    "candidate_accuracy": "accuracy", "reference_accuracy": "source model accuracy",
+    "accuracy_drop": "accuracy drop", "top1_agreement": "top-1 agreement with the source",
+    "max_abs_error": "max abs error vs source", "cosine_similarity": "cosine similarity vs source",
+    "latency_ms_p50": "latency p50 (ms)", "latency_ms_p95": "latency p95 (ms)",
+    "throughput_items_per_s": "throughput (items/s)", "peak_rss_mb": "peak memory (MB)", "model_bytes": "size",
+}
+
+
+def _lineage(c: Candidate) -> list[dict[str, Any]]:
+    """The chain of steps without cache keys (64 hex each): what a person reads in the tag."""
+    return [{k: v for k, v in step.items() if k != "cache_key"} for step in c.lineage]
+
+
+def _version_tags(spec: PromoteSpec, c: Candidate, calibration_digest: str | None = None) -> dict[str, str]:
+    """A handful of tags to filter on; the full story is the version's description."""
     ctx = spec.context
+    metrics = {*KEY_METRICS, *OBJECTIVE_METRICS.values()}
     tags = {
         TAG_KEY: _candidate_key(c),
         TAG_TARGET: c.target,
+        "modelopt.verdict": "passed" if c.passed else "failed",
         "modelopt.source_model_uri": c.source_model_uri or "",
-        "modelopt.lineage": json.dumps(c.lineage, sort_keys=True)[:4900],
-        "modelopt.tool_versions": json.dumps({"airflow-modelopt": __version__, "mlflow": mlflow.__version__}),
+        "modelopt.lineage": json.dumps(_lineage(c), sort_keys=True)[:4900],
         "airflow.dag_id": ctx.dag_id or "",
         "airflow.run_id": ctx.run_id or "",
         "modelopt.calibration_data_uri": spec.calibration_data_uri or "",
         "modelopt.calibration_data_sha256": calibration_digest or "",
     }
-    tags.update({f"{METRIC_TAG}{k}": repr(float(v)) for k, v in c.metrics.items()})
-    tags.update({f"modelopt.run.{k}": v for k, v in c.run_ids.items()})
+    tags.update({f"{METRIC_TAG}{k}": repr(float(v)) for k, v in c.metrics.items() if k in metrics})
     return {k: v for k, v in tags.items() if v != ""}
+
+
+def _human_bytes(n: float) -> str:
+    for unit, size in (("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
+def version_description(spec: PromoteSpec, c: Candidate, calibration_digest: str | None = None) -> str:
+    """A short Markdown description of a registered candidate: what it is, its verdict, the
+    validation and benchmark figures, where it came from."""
+    import mlflow
+
+    ctx = spec.context
+    lines = [f"**{c.target}**: {'passed' if c.passed else 'failed'} every gate"
+             + (f", built from `{c.source_model_uri}`" if c.source_model_uri else ""), ""]
+    rows = [(label, c.metrics[k]) for k, label in DESCRIPTION_METRICS.items() if k in c.metrics]
+    if rows:
+        lines += ["| measure | value |", "| --- | --- |"]
+        lines += [f"| {label} | {_human_bytes(v) if label == 'size' else f'{v:.4g}'} |" for label, v in rows]
+        lines.append("")
+    chain = " → ".join(f"{step.get('task_id', '?').split('.')[-1]} ({step.get('step', '?')})" for step in c.lineage)
+    if chain:
+        lines.append(f"Lineage: {chain}.")
+    runs = ", ".join(f"{task.split('.')[-1]} `{run}`" for task, run in c.run_ids.items() if run)
+    if runs:
+        lines.append(f"MLflow runs: {runs}.")
+    if ctx.dag_id:
+        lines.append(f"Airflow: DAG `{ctx.dag_id}`, run `{ctx.run_id}`.")
+    if spec.calibration_data_uri:
+        digest_note = f" (sha256 {calibration_digest[:12]}…)" if calibration_digest else ""
+        lines.append(f"Calibration data: `{spec.calibration_data_uri}`{digest_note}.")
+    lines.append(f"Built by airflow-modelopt {__version__} with MLflow {mlflow.__version__}.")
+    return "\n".join(lines)[:4900]
+
+
+def _describe(client: Any, spec: PromoteSpec, c: Candidate, version: Any, run_id: str, log: Any,
+              calibration_digest: str | None = None) -> None:
+    """Give a version its description and, when it is an MLflow logged model, the candidate's
+    metrics on that model (the Models tab). Bookkeeping: a failure is logged, not raised."""
+    from mlflow.entities import Metric
+
+    try:
+        if not (version.description or "").strip():
+            client.update_model_version(spec.registered_model_name, version.version,
+                                        description=version_description(spec, c, calibration_digest))
+        model_id = getattr(version, "model_id", None)
+        if model_id and c.metrics:
+            now = int(time.time() * 1000)
+            client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0, model_id=model_id)
+                                              for k, v in sorted(c.metrics.items())])
+    except Exception as exc:  # noqa: BLE001 - the registration and aliases matter more than this
+        log.warning("%s: could not describe version %s: %s", c.target, version.version, exc)
 
 
 def _register(client: Any, spec: PromoteSpec, c: Candidate, log: Any,
@@ -358,10 +436,10 @@ def _failure_reasons(failed: list[Candidate]) -> str:
 
 
 def _end_parent_run(ctx: StepContext, spec: PromoteSpec, failed: list[Candidate], outcome: str,
-                    error: str | None = None) -> None:
+                    error: str | None = None, output: StepOutput | None = None) -> None:
     """Record the outcome on the DAG run's parent run and end it (FINISHED, or FAILED when nothing
     was promoted). Without a parent run, the tags and metrics go on this step's run."""
-    from mlflow.entities import Metric, RunTag
+    from mlflow.entities import Metric, Param, RunTag
 
     client, target = ctx.client, ctx.parent_run_id or ctx.run_id
     total = len(spec.candidates)
@@ -370,10 +448,29 @@ def _end_parent_run(ctx: StepContext, spec: PromoteSpec, failed: list[Candidate]
                Metric("modelopt.candidates_passed", float(total - len(failed)), now, 0),
                Metric("modelopt.candidates_failed", float(len(failed)), now, 0)]
     tags = [RunTag(TAG_OUTCOME, outcome), RunTag(TAG_FAILED_TARGETS, _failure_reasons(failed)[:5000])]
+    # The policy winner of this DAG run (champion, or challenger when it did not beat the champion).
+    info = output.info if output is not None else {}
+    aliases = info.get("aliases") or {}
+    winner_version = aliases.get("champion", aliases.get("challenger"))
+    winner = next((r for r in info.get("candidates", []) if winner_version is not None
+                   and r.get("version") == winner_version), None)
+    if winner:
+        role = "champion" if "champion" in aliases else "challenger"
+        metrics += [Metric(f"modelopt.{role}_{k}", float(winner[k]), now, 0)
+                    for k in ("latency_ms_p50", "model_bytes", "accuracy_drop", "candidate_accuracy")
+                    if winner.get(k) is not None]
+        tags += [RunTag(f"modelopt.{role}", f"{winner['target']} (version {winner_version})"),
+                 RunTag("modelopt.decision", str(info.get("decision", ""))[:5000])]
+    params = [Param("registered_model_name", spec.registered_model_name), Param("objective", spec.objective),
+              Param("targets", ",".join(c.target for c in spec.candidates)[:500])]
     if error:
         tags.append(RunTag("modelopt.promote_error", error[:5000]))
     try:
         client.log_batch(target, metrics=metrics, tags=tags)
+        try:  # params are write-once: a re-run of promote for this DAG run finds them set
+            client.log_batch(target, params=params)
+        except Exception as exc:  # noqa: BLE001
+            ctx.log.info("parameters of MLflow run %s already set: %s", target, exc)
         if ctx.parent_run_id:
             client.set_terminated(ctx.parent_run_id, "FINISHED" if outcome in ("all_passed", "some_failed") else "FAILED")
     except Exception as exc:  # noqa: BLE001 - the promotion's own outcome matters more than this bookkeeping
@@ -394,7 +491,7 @@ def run(spec: PromoteSpec, ctx: StepContext) -> StepOutput:
                          f"{_failure_reasons(failed)}")
     if failed:
         ctx.log.warning("%d of %d candidates failed: %s", len(failed), len(spec.candidates), _failure_reasons(failed))
-    _end_parent_run(ctx, spec, failed, "some_failed" if failed else "all_passed")
+    _end_parent_run(ctx, spec, failed, "some_failed" if failed else "all_passed", output=output)
     return output
 
 
@@ -422,6 +519,7 @@ def _promote(spec: PromoteSpec, ctx: StepContext, passing: list[Candidate]) -> S
     calibration_digest = digest(calibration) if calibration is not None else None
     for c in passing:
         version, new = _register(client, spec, c, ctx.log, calibration_digest)
+        _describe(client, spec, c, version, ctx.run_id, ctx.log, calibration_digest)
         versions[c.target] = version
         registered_now += int(new)
         by_target[c.target]["version"] = int(version.version)
