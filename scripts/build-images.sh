@@ -7,17 +7,22 @@
 #        build/wheelhouse/torch/{deps,project}  only what airflow-modelopt[torch] adds
 #        build/wheelhouse/tensorflow/{deps,replace,nodeps,project}  what [tensorflow,litert] adds,
 #          the base packages it needs at other versions, and onnx2tf (see images/tensorflow/Dockerfile)
+#        build/wheelhouse/openvino/{deps,project}  what [openvino] adds to the torch set (OpenVINO,
+#          NNCF, MNN), resolved with the torch set's versions
 #   3. airflow-modelopt-<family>:<tag> (and :latest) for each family, with `pip install --no-index`
 #      from those wheelhouses: base; for torch and tensorflow, first their framework layer
 #      (images/base/framework.Dockerfile on base's runtime stage, tagged
 #      airflow-modelopt-<family>-framework:<tag>), then images/<family>/Dockerfile adds the project.
+#      openvino's framework layer goes on top of torch's (it is the torch image plus OpenVINO, NNCF
+#      and MNN), so the two share torch's layers on disk and in a registry.
 #
-#   scripts/build-images.sh [--base-image IMAGE] [--tag TAG] [--images base,torch,tensorflow]
+#   scripts/build-images.sh [--base-image IMAGE] [--tag TAG] [--images base,torch,tensorflow,openvino]
 #
 #   --base-image IMAGE  Python 3.11 Debian-like image to start from. Default: python:3.11-slim-bookworm
 #                       if present or pullable, else the debootstrap image of scripts/make-base-image.sh.
 #   --tag TAG           image tag (default: the version in airflow_modelopt/version.py)
-#   --images LIST       which images (default: base,torch,tensorflow; base is always built). The
+#   --images LIST       which images (default: base,torch,tensorflow,openvino; base is always built,
+#                       openvino needs torch). The
 #                       tensorflow image is the big one (~4.8 GB: TensorFlow, torch, jax): leave it
 #                       out when no DAG converts to TFLite or prunes Keras models in containers.
 #                       images/tensorrt is not built here: it starts from NVIDIA's TensorRT image.
@@ -40,7 +45,7 @@ usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; }
 
 base_image=""
 tag=""
-images="base,torch,tensorflow"
+images="base,torch,tensorflow,openvino"
 while [ $# -gt 0 ]; do
   case "$1" in
     --base-image) [ $# -ge 2 ] || die "--base-image needs a value"; base_image="$2"; shift 2 ;;
@@ -57,11 +62,14 @@ done
 start_all=$SECONDS
 want() { case ",$images," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 for img in ${images//,/ }; do
-  case "$img" in base|torch|tensorflow) ;; *) die "--images: unknown image '$img' (base, torch, tensorflow)" ;; esac
+  case "$img" in base|torch|tensorflow|openvino) ;;
+    *) die "--images: unknown image '$img' (base, torch, tensorflow, openvino)" ;; esac
 done
+if want openvino && ! want torch; then images="$images,torch"; fi # openvino's framework layer is on torch's
 families=(base)
 want torch && families+=(torch)
 want tensorflow && families+=(tensorflow)
+want openvino && families+=(openvino)
 
 # ---- preconditions --------------------------------------------------------------------------------
 version="$(sed -n 's/^__version__ *= *["'\'']\([^"'\'']*\)["'\''].*/\1/p' airflow_modelopt/version.py)"
@@ -235,6 +243,39 @@ if want tensorflow; then
   log "  tensorflow adds $(($(ls "$TFW"/deps/*.whl | wc -l) - 1)) wheels, $(du -sh "$TFW/deps" | cut -f1); replaces: ${replaced_pkgs:-nothing}"
 fi
 
+# The openvino set: [openvino] resolved with the versions of the base and torch sets (the same
+# files, found locally), so its deps/ holds only what it adds on top of the torch image.
+if want openvino; then
+  t=$SECONDS
+  OVW="$WH/openvino"
+  ov_key="$( { echo "$key"; ls "$WH"/base/deps "$WH"/torch/deps; } | sha256sum | cut -d' ' -f1)"
+  if [ -f "$OVW/.stamp" ] && [ "$(cat "$OVW/.stamp")" = "$ov_key" ] && ls "$OVW"/deps/pip-*.whl >/dev/null 2>&1; then
+    log "openvino wheelhouse is up to date"
+  else
+    log "downloading wheels for the openvino image ([openvino] on top of the torch set)"
+    rm -f "$OVW/.stamp"
+    rm -rf "$OVW/deps"
+    mkdir -p "$OVW/deps" "$tmp/ov"
+    : >"$tmp/ov-pins.txt"
+    for f in "$WH"/base/deps/*.whl "$WH"/torch/deps/*.whl; do
+      f="${f##*/}"; echo "$(norm "$f")==$(echo "$f" | cut -d- -f2)" >>"$tmp/ov-pins.txt"
+    done
+    run_logged wheelhouse-openvino \
+      "$PY" -m pip wheel --progress-bar off --find-links "$WH/base/deps" --find-links "$WH/torch/deps" \
+      -c "$tmp/ov-pins.txt" -w "$tmp/ov" "${project_whl}[openvino]" pip
+    for f in "$tmp/ov"/*.whl; do
+      b="${f##*/}"
+      case "$b" in airflow_modelopt-*) continue ;; esac
+      [ -e "$WH/base/deps/$b" ] || [ -e "$WH/torch/deps/$b" ] || mv "$f" "$OVW/deps/"
+    done
+    cp "$WH"/base/deps/pip-*.whl "$OVW/deps/"
+    ! ls "$OVW"/deps/torch-*.whl >/dev/null 2>&1 || die "the openvino set resolved another torch than the torch set's"
+    echo "$ov_key" >"$OVW/.stamp"
+    log "  openvino wheelhouse ready ($((SECONDS - t)) s)"
+  fi
+  log "  openvino adds $(($(ls "$OVW"/deps/*.whl | wc -l) - 1)) wheels, $(du -sh "$OVW/deps" | cut -f1)"
+fi
+
 # ---- 4. the images ------------------------------------------------------------------------------
 replaced=() # image IDs that this run's builds untagged; removed at the end, children first
 build() { # name dockerfile context build-args...
@@ -257,8 +298,10 @@ for family in "${families[@]:1}"; do
   # One recipe for every family's frameworks (images/base/framework.Dockerfile); replace/ and
   # nodeps/ are empty where a family needs neither.
   mkdir -p "$WH/$family/replace" "$WH/$family/nodeps"
+  runtime="airflow-modelopt-base-runtime:$tag"
+  [ "$family" != openvino ] || runtime="airflow-modelopt-torch-framework:$tag"
   build "airflow-modelopt-$family-framework" images/base/framework.Dockerfile "$WH/$family" \
-    --build-arg "RUNTIME_IMAGE=airflow-modelopt-base-runtime:$tag" --build-arg "PYTHON_IMAGE=$base_image"
+    --build-arg "RUNTIME_IMAGE=$runtime" --build-arg "PYTHON_IMAGE=$base_image"
   build "airflow-modelopt-$family" "images/$family/Dockerfile" "$WH/$family" \
     --build-arg "FRAMEWORK_IMAGE=airflow-modelopt-$family-framework:$tag"
 done
@@ -269,6 +312,7 @@ declare -A smoke=(
   [base]='import airflow_modelopt, onnx, onnxruntime, mlflow'
   [torch]='import airflow_modelopt, torch, sklearn, onnxruntime'
   [tensorflow]='import airflow_modelopt, tensorflow, tf_keras, onnx2tf, litert_torch, onnxruntime'
+  [openvino]='import airflow_modelopt, torch, openvino, nncf, MNN, onnxruntime'
 )
 for family in "${families[@]}"; do
   docker run --rm "airflow-modelopt-$family:$tag" python -c "${smoke[$family]}" \

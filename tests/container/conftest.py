@@ -15,7 +15,7 @@ from airflow_modelopt import __version__
 from tests.conftest import REPO, AirflowHome, make_airflow_home
 from tests.integration.test_dag_local import step_runs_of_latest_dag_run
 
-IMAGES = {family: f"airflow-modelopt-{family}:{__version__}" for family in ("base", "torch", "tensorflow")}
+IMAGES = {family: f"airflow-modelopt-{family}:{__version__}" for family in ("base", "torch", "tensorflow", "openvino")}
 
 
 @pytest.fixture(scope="session")
