@@ -251,10 +251,19 @@ def pareto_front(rows: list[dict[str, Any]]) -> list[int]:
     return front
 
 
+def human_size(n: float) -> str:
+    """Bytes for a person: ``812 B``, ``46.2 kB``, ``3.41 MB``."""
+    for unit, size in (("GB", 1e9), ("MB", MB), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
 def comparison_plot(rows: list[dict[str, Any]], path: Path | str | None = None, title: str = "Candidates") -> Path:
     """Latency vs accuracy (marker area ~ size on disk) of a DAG run's candidates, Pareto front
-    marked; without accuracies, latency vs size. Each row: ``name``, ``latency_ms``,
-    ``size_bytes``, optional ``accuracy``. Returns the PNG's path."""
+    marked; without accuracies, or when every candidate has the same accuracy (then only latency
+    and size tell them apart, and the title says so), latency vs size. Each row: ``name``,
+    ``latency_ms``, ``size_bytes``, optional ``accuracy``. Returns the PNG's path."""
     import tempfile
 
     import matplotlib
@@ -270,28 +279,50 @@ def comparison_plot(rows: list[dict[str, Any]], path: Path | str | None = None, 
             raise InputError(f"comparison_plot: row {i} ({row.get('name', '?')}) lacks {missing}")
     path = Path(path) if path is not None else Path(tempfile.mkdtemp(prefix="modelopt-plot-")) / "comparison.png"
     front = set(pareto_front(rows))
-    with_acc = all(r.get("accuracy") is not None for r in rows)
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    accuracies = [r.get("accuracy") for r in rows]
+    has_acc = all(a is not None for a in accuracies)
+    same_acc = has_acc and max(accuracies) - min(accuracies) < 1e-9
+    with_acc = has_acc and not same_acc
+    fig, ax = plt.subplots(figsize=(9, 5.5))
     sizes = np.array([float(r["size_bytes"]) for r in rows])
     area = 60 + 540 * (sizes / sizes.max() if sizes.max() > 0 else sizes)
     x = np.array([float(r["latency_ms"]) for r in rows])
-    y = np.array([float(r["accuracy"]) for r in rows]) if with_acc else sizes / MB
+    # Sizes in kB below a megabyte: a 48 kB model reads "48", not "0.05".
+    size_unit, size_scale = ("MB", MB) if sizes.max() >= MB else ("kB", 1e3)
+    y = np.array([float(a) for a in accuracies]) if with_acc else sizes / size_scale
     colors = ["#dc2626" if i in front else "#64748b" for i in range(len(rows))]
-    ax.scatter(x, y, s=area, c=colors, alpha=0.7, edgecolors="black", linewidths=0.6)
+    # Not clipped: a candidate at accuracy 1.0 sits on the axis' top edge, whole.
+    ax.scatter(x, y, s=area, c=colors, alpha=0.7, edgecolors="black", linewidths=0.6, clip_on=False)
+    log_x = bool(x.min() > 0 and x.max() / x.min() > 20)
+    if log_x:
+        ax.set_xscale("log")
+    # Labels of points in the right part of the plot go to their left, so none runs out of the frame.
+    pos = np.log(x) if log_x else x
+    span = float(pos.max() - pos.min()) or 1.0
     for i, row in enumerate(rows):
-        label = f"{row['name']}\n{sizes[i] / MB:.2f} MB" if with_acc else str(row["name"])
-        ax.annotate(label, (x[i], y[i]), textcoords="offset points", xytext=(8, 6), fontsize=8)
+        label = f"{row['name']}\n{human_size(sizes[i])}" if with_acc else str(row["name"])
+        right = (pos[i] - pos.min()) / span > 0.6
+        ax.annotate(label, (x[i], y[i]), textcoords="offset points", xytext=(-10 if right else 10, 6),
+                    ha="right" if right else "left", fontsize=8)
     order = sorted(front, key=lambda i: x[i])
     if len(order) > 1:
         ax.plot(x[order], y[order], color="#dc2626", linestyle="--", linewidth=1, label="Pareto front")
     ax.scatter([], [], c="#dc2626", label="on the Pareto front")
     ax.scatter([], [], c="#64748b", label="dominated")
-    if x.min() > 0 and x.max() / x.min() > 20:
-        ax.set_xscale("log")
-    ax.margins(0.15)
-    ax.set_xlabel("latency (ms)")
-    ax.set_ylabel("top-1 accuracy" if with_acc else "size on disk (MB)")
-    ax.set_title(title + (" (marker area ~ size on disk)" if with_acc else ""))
+    ax.margins(x=0.2, y=0.2)
+    ax.set_xlabel("latency p50 (ms)")
+    if with_acc:
+        # Accuracy is a share: the axis never goes past 1.0 (nor below 0), however the margins fall.
+        low, high = ax.get_ylim()
+        ax.set_ylim(max(0.0, low), min(1.0, high))
+        ax.set_ylabel("top-1 accuracy")
+    else:
+        ax.set_ylabel(f"size on disk ({size_unit})")
+        ax.set_ylim(bottom=0)
+    note = " (marker area ~ size on disk)" if with_acc else ""
+    if same_acc:
+        note = f"\nall candidates have the same accuracy ({accuracies[0]:.4g}): latency and size decide"
+    ax.set_title(title + note, fontsize=11)
     ax.grid(True, alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
@@ -315,4 +346,4 @@ def log_comparison_plot(client: Any, parent_run_id: str, rows: list[dict[str, An
     return f"runs:/{parent_run_id}/{artifact_path}/{png.name}"
 
 
-__all__ = ["comparison_plot", "log_comparison_plot", "pareto_front", "run"]
+__all__ = ["comparison_plot", "human_size", "log_comparison_plot", "pareto_front", "run"]

@@ -379,26 +379,39 @@ def decide_champion(winner: dict[str, float], champion: dict[str, float] | None,
     return False, f"{metric} {new:.6g} does not beat the champion's {old:.6g}"
 
 
+#: The summary table's columns: row key -> header a person reads.
+TABLE_COLUMNS = {"target": "target", "verdict": "verdict", "version": "version", "aliases": "aliases",
+                 "accuracy_drop": "accuracy drop", "candidate_accuracy": "accuracy",
+                 "latency_ms_p50": "latency p50 (ms)", "model_bytes": "size", "reasons": "reasons"}
+
+
 def _table(spec: PromoteSpec, rows: list[dict[str, Any]]) -> tuple[str, str]:
-    cols = ["target", "verdict", "version", "aliases", "accuracy_drop", "candidate_accuracy", "latency_ms_p50",
-            "model_bytes", "reasons"]
+    cols = list(TABLE_COLUMNS)
 
     def cell(row: dict[str, Any], col: str) -> str:
         value = row.get(col)
+        if col == "model_bytes" and isinstance(value, (int, float)):
+            from airflow_modelopt.container.steps.benchmark import human_size
+
+            return human_size(float(value))
         if isinstance(value, float):
-            return f"{value:.6g}"
+            return f"{value:.4g}"
         if isinstance(value, list):
             return "; ".join(str(v) for v in value)
         return "" if value is None else str(value)
 
     md = [f"# Candidates for `{spec.registered_model_name}` (objective: {spec.objective})", "",
-          "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+          "| " + " | ".join(TABLE_COLUMNS.values()) + " |", "|" + "---|" * len(cols)]
     md += ["| " + " | ".join(cell(r, c).replace("|", "/") for c in cols) + " |" for r in rows]
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    head = "".join(f"<th>{html.escape(TABLE_COLUMNS[c])}</th>" for c in cols)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(cell(r, c))}</td>" for c in cols) + "</tr>" for r in rows)
-    page = (f"<html><head><meta charset='utf-8'><title>{html.escape(spec.registered_model_name)}</title></head>"
-            f"<body><h1>Candidates for {html.escape(spec.registered_model_name)}</h1>"
-            f"<table border='1' cellpadding='4'><tr>{head}</tr>{body}</table></body></html>")
+    # Headers never wrap nor get cut: the reasons column takes what width is left.
+    style = ("<style>body{font-family:sans-serif}table{border-collapse:collapse}"
+             "th,td{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}"
+             "th{white-space:nowrap;background:#f3f4f6}</style>")
+    page = (f"<html><head><meta charset='utf-8'><title>{html.escape(spec.registered_model_name)}</title>{style}"
+            f"</head><body><h1>Candidates for {html.escape(spec.registered_model_name)}</h1>"
+            f"<table>{head and f'<tr>{head}</tr>'}{body}</table></body></html>")
     return "\n".join(md) + "\n", page
 
 
