@@ -419,11 +419,20 @@ def _stable_mlmodel(path: Path) -> bytes:
     return yaml.safe_dump(stable, sort_keys=True).encode()
 
 
-def log_onnx_model(proto: Any, **kwargs: Any) -> Any:
+def log_onnx_model(proto: Any, example: Any = None, **kwargs: Any) -> Any:
     """``mlflow.onnx.log_model`` of an ONNX model as ``onnx_model``, its tensors in one external-data
-    file with a fixed name (ONNX_DATA_FILE), so a rebuild of the same model gives the same bytes."""
+    file with a fixed name (ONNX_DATA_FILE), so a rebuild of the same model gives the same bytes.
+
+    With its tensor signature (the graph's inputs and outputs) and an input example (the first
+    samples of ``example``, arrays by input name, or seeded values of the input shapes), so
+    ``mlflow.pyfunc`` and ``mlflow models serve`` callers see what it takes."""
     import mlflow.onnx
 
+    from airflow_modelopt.container.pyfunc import onnx_signature_and_example
+
+    signature, input_example = onnx_signature_and_example(proto, example)
+    kwargs.setdefault("signature", signature)
+    kwargs.setdefault("input_example", input_example)
     return mlflow.onnx.log_model(proto, name="onnx_model", save_as_external_data=True,
                                  all_tensors_to_one_file=True, location=ONNX_DATA_FILE, **kwargs)
 

@@ -65,7 +65,7 @@ def _mnn_logits(path: Path, x: np.ndarray) -> np.ndarray:
 def test_fp32_mnn_computes_what_onnx_runtime_does(mlflow_server, example_model, example_onnx, reference, tmp_path):
     run = run_step("mnn_convert", _spec(example_model, example_onnx), mlflow_server.env())
     assert run.returncode == 0, run.output[-3000:]
-    folder = _download(run.result["artifacts"]["mnn_model"], mlflow_server, tmp_path / "mnn")
+    folder = _download(run.result["artifacts"]["mnn_model_files"], mlflow_server, tmp_path / "mnn")
     assert {p.name for p in folder.iterdir()} == {"model.mnn", "modelopt_signature.json"}
     logits = _mnn_logits(folder / "model.mnn", reference["x"][:50])
     assert np.abs(logits - reference["logits"][:50]).max() < 1e-3
@@ -85,7 +85,7 @@ def test_int8_mnn_is_smaller_and_still_classifies(mlflow_server, example_model, 
     m = run.result["metrics"]
     assert m["size_ratio"] < max_ratio, m
     assert m["top1_agreement"] >= 0.95 and m["accuracy_drop"] < 0.03, m
-    folder = _download(run.result["artifacts"]["mnn_model"], mlflow_server, tmp_path / precision)
+    folder = _download(run.result["artifacts"]["mnn_model_files"], mlflow_server, tmp_path / precision)
     logits = _mnn_logits(folder / "model.mnn", reference["x"][:100])
     assert np.mean(logits.argmax(1) == reference["logits"][:100].argmax(1)) >= 0.95
     assert np.abs(logits - reference["logits"][:100]).max() > min_error  # quantized, not a copy of fp32

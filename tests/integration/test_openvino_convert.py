@@ -56,7 +56,7 @@ def test_fp16_ir_halves_the_weights_and_computes_the_same(mlflow_server, example
     run = run_step("openvino_convert", _spec(example_model, example_onnx, precision="fp16"), mlflow_server.env())
     assert run.returncode == 0, run.output[-3000:]
     m = run.result["metrics"]
-    folder = _download(run.result["artifacts"]["openvino_model"], mlflow_server, tmp_path / "ir")
+    folder = _download(run.result["artifacts"]["openvino_model_files"], mlflow_server, tmp_path / "ir")
     assert {p.name for p in folder.iterdir()} >= {"model.xml", "model.bin", "modelopt_signature.json"}
     assert m["ir_bytes"] == (folder / "model.xml").stat().st_size + (folder / "model.bin").stat().st_size
     assert (folder / "model.bin").stat().st_size < 0.6 * m["source_bytes"]  # fp16 weights: half of fp32's
@@ -79,7 +79,7 @@ def test_int8_ir_is_quantized_and_still_classifies(mlflow_server, int8_run, refe
     m = int8_run.result["metrics"]
     assert int8_run.result["info"]["quantization"]["method"] == "nncf.quantize"
     assert m["fake_quantize_nodes"] >= 4  # conv and linear inputs and weights
-    folder = _download(int8_run.result["artifacts"]["openvino_model"], mlflow_server, tmp_path / "ir8")
+    folder = _download(int8_run.result["artifacts"]["openvino_model_files"], mlflow_server, tmp_path / "ir8")
     logits = _ir_logits(folder, reference["x"])
     agreement = float(np.mean(logits.argmax(1) == reference["logits"].argmax(1)))
     assert agreement >= 0.95

@@ -100,7 +100,7 @@ def test_with_a_fake_tensorrt_the_step_logs_engine_signature_and_timing_cache(ml
     assert state.parse_paths and Path(state.parse_paths[0]).name == "model.onnx"
     assert any(f.endswith(".data") for f in state.parse_dir_files[0]), "the external data lies beside the graph"
     mlflow.set_tracking_uri(mlflow_server.uri)
-    folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=first.artifacts["tensorrt_engine"],
+    folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=first.artifacts["tensorrt_engine_files"],
                                                       dst_path=str(tmp_path / "engine")))
     assert sorted(p.name for p in folder.iterdir()) == ["calibration.cache", "model.engine",
                                                         "modelopt_signature.json", "timing.cache"]

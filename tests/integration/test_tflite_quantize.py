@@ -78,7 +78,8 @@ def download(uri: str, server: MlflowServer, dest: Path) -> Path:
 
 
 def tflite_folder(result: dict[str, Any], server: MlflowServer, dest: Path) -> Path:
-    uri = result["artifacts"]["tflite_model"]
+    assert result["artifacts"]["tflite_model"].startswith("models:/m-")  # the MLflow (pyfunc) model
+    uri = result["artifacts"]["tflite_model_files"]  # the raw folder, where it always was
     assert uri.startswith("runs:/") and uri.endswith("/tflite_model"), uri
     folder = download(uri, server, dest)
     assert sorted(p.name for p in folder.iterdir()) == ["model.tflite", "modelopt_signature.json"]

@@ -47,7 +47,7 @@ def test_static_int8_of_the_example_cnn_stays_within_one_point_and_loads_without
     assert m["onnx_vs_pt2_top1_agreement"] >= 0.98
 
     # The archive holds int8 weights, not fp32 ones beside them.
-    pt2 = download(run.result["artifacts"]["model_pt2"], mlflow_server.uri, tmp_path / "int8")
+    pt2 = download(run.result["artifacts"]["model_pt2_file"], mlflow_server.uri, tmp_path / "int8")
     eval_npz = download(art["eval_data"], mlflow_server.uri, tmp_path / "data")
     # A fresh process without torchao, as validate/benchmark load a pt2 candidate: weights-only, no opt-in.
     probe = textwrap.dedent(f"""

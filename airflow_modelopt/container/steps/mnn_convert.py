@@ -133,9 +133,11 @@ def run(spec: MNNConvertSpec, ctx: StepContext) -> StepOutput:
         info["checked_on"] = "eval_data_uri" if evaluation else "calibration_data_uri"
         metrics.update(check_against_source(source, target, "mnn", feeds, labels, threads=spec.threads))
         ctx.log.info("MNN vs source: %s", {k: round(v, 4) for k, v in metrics.items()})
-    uri = ctx.log_artifact(folder, ARTIFACT)
+    from airflow_modelopt.container.pyfunc import log_step_deployable
+
+    artifacts = log_step_deployable(ctx, folder, "mnn", ARTIFACT, data=check[0] if check is not None else None)
     info["signature"] = signature.model_dump(mode="json")
-    return StepOutput(artifacts={ARTIFACT: uri}, metrics=metrics, info=info)
+    return StepOutput(artifacts=artifacts, metrics=metrics, info=info)
 
 
 __all__ = ["ARTIFACT", "MODEL_FILE", "calibration_folder", "quantize", "run", "run_tool"]

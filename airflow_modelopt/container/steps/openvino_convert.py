@@ -160,9 +160,11 @@ def run(spec: OpenVINOConvertSpec, ctx: StepContext) -> StepOutput:
         if spec.throughput_seconds > 0:
             metrics.update(throughput(xml, {k: v[:1] for k, v in feeds.items()}, spec))
         ctx.log.info("IR vs source: %s", {k: round(v, 4) for k, v in metrics.items()})
-    uri = ctx.log_artifact(folder, ARTIFACT)
+    from airflow_modelopt.container.pyfunc import log_step_deployable
+
+    artifacts = log_step_deployable(ctx, folder, "openvino", ARTIFACT, data=check[0] if check is not None else None)
     info["signature"] = converted_signature(source, "openvino").model_dump(mode="json")
-    return StepOutput(artifacts={ARTIFACT: uri}, metrics=metrics, info=info)
+    return StepOutput(artifacts=artifacts, metrics=metrics, info=info)
 
 
 __all__ = ["ARTIFACT", "IR_FILE", "convert", "op_counts", "quantize", "run", "samples"]

@@ -327,7 +327,13 @@ def run(spec: TorchQuantizeSpec, ctx: StepContext) -> StepOutput:
                             "activations": {"static": "uint8 per-tensor affine (calibrated)",
                                             "dynamic": "uint8 per-tensor affine (per batch)",
                                             "weight_only": "float32"}[spec.mode]}
-    artifacts = {"model_pt2": ctx.log_artifact(out_path, "model")}
+    from airflow_modelopt.container.pyfunc import log_deployable
+
+    # model_pt2: the MLflow model (pyfunc over the runtimes layer: validation, benchmark and promotion
+    # take it); model_pt2_file: the raw archive, where it was logged before.
+    raw = ctx.log_artifact(out_path, "model")
+    logged = log_deployable(out_path.parent, "pt2", data=eval_x, name="model_pt2")
+    artifacts = {"model_pt2": logged.model_uri, "model_pt2_file": raw}
     if spec.export_onnx:
         onnx_info, onnx_metrics, onnx_uri = try_onnx(ctx, spec, program, eval_x, names, output_names, int8_out)
         info["onnx_export"] = onnx_info

@@ -344,7 +344,7 @@ def run(spec: TorchToOnnxSpec, ctx: StepContext) -> StepOutput:
                  "layout": "NCHW" if len(stats["inputs"][0]["shape"]) == 4 else None}
     ctx.log_dict(stats, "onnx_graph_stats.json")
     proto = onnx.load(str(path))  # with its external data, for the flavor to save as a folder
-    model_info = log_onnx_model(proto)
+    model_info = log_onnx_model(proto, example=samples)
     return StepOutput(
         artifacts={"onnx_model": model_info.model_uri, "graph_stats": ctx.artifact_uri("onnx_graph_stats.json")},
         metrics=metrics,

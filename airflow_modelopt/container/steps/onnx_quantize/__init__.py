@@ -277,8 +277,13 @@ def run(spec: OnnxQuantizeSpec, ctx: StepContext) -> StepOutput:
     ctx.client.set_tag(ctx.run_id, TAG_CONFIG, chosen.config.name)
     ctx.client.set_tag(ctx.run_id, TAG_MODE, spec.mode)
     proto = onnx.load(str(chosen.path))  # with its external data, for the flavor to save as a folder
+    from airflow_modelopt.container.pyfunc import onnx_signature_and_example
+
+    examples = inputs.eval_data or inputs.calibration
+    signature, input_example = onnx_signature_and_example(proto, examples.features if examples is not None else None)
     model_info = mlflow.onnx.log_model(
         proto, name="onnx_model", save_as_external_data=True, onnx_execution_providers=["CPUExecutionProvider"],
+        signature=signature, input_example=input_example,
         metadata={"modelopt_quantization": {"mode": spec.mode, **chosen.config.as_dict()},
                   "modelopt_source_model_uri": spec.model_uri},
     )

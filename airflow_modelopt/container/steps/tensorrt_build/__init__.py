@@ -100,7 +100,9 @@ def run(spec: TensorRTBuildSpec, ctx: StepContext) -> StepOutput:
         source_sig = None
     signature = signature_for(built, source_sig)
     signature.write(folder)
-    uri = ctx.log_artifact(folder, ARTIFACT)
+    from airflow_modelopt.container.pyfunc import log_step_deployable
+
+    deployable = log_step_deployable(ctx, folder, "tensorrt", ARTIFACT)
 
     profiles = [{n: {"min": s[0], "opt": s[1], "max": s[2]} for n, s in p.items()} for p in built.profiles]
     source_bytes = onnx_bytes(onnx_path)
@@ -121,7 +123,7 @@ def run(spec: TensorRTBuildSpec, ctx: StepContext) -> StepOutput:
         summary = built.calibration.summary()
         metrics["calibration_batches"] = float(summary["batches"])
         metrics["calibration_samples"] = float(summary["samples_used"])
-    artifacts = {"tensorrt_engine": uri, "timing_cache": ctx.artifact_uri(f"{ARTIFACT}/{TIMING_CACHE_FILE}")}
+    artifacts = {**deployable, "timing_cache": ctx.artifact_uri(f"{ARTIFACT}/{TIMING_CACHE_FILE}")}
     if built.layer_info is not None:
         artifacts["layer_info"] = ctx.log_dict(built.layer_info, "tensorrt_layers.json")
     info = {

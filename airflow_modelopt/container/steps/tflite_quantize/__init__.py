@@ -101,7 +101,9 @@ def run(spec: TFLiteQuantizeSpec, ctx: StepContext) -> StepOutput:
             ctx.log.info("Agreement with the source on %d samples: max abs error %.3g, top-1 agreement %s",
                          int(metrics["check_samples"]), metrics["max_abs_error"], metrics.get("top1_agreement"))
 
-    uri = ctx.log_artifact(out_dir, ARTIFACT)
+    from airflow_modelopt.container.pyfunc import log_step_deployable
+
+    artifacts = log_step_deployable(ctx, out_dir, "tflite", ARTIFACT, data=calibration)
     info: dict[str, Any] = {
         "conversion_path": path.name,
         "source_format": source.format,
@@ -118,7 +120,7 @@ def run(spec: TFLiteQuantizeSpec, ctx: StepContext) -> StepOutput:
         **conversion.notes,
     }
     ctx.log_dict(info, "tflite_report.json")
-    return StepOutput(artifacts={ARTIFACT: uri}, metrics=metrics, info=info)
+    return StepOutput(artifacts=artifacts, metrics=metrics, info=info)
 
 
 __all__ = ["agreement", "build_signature", "detect_source", "run", "run_tflite"]
