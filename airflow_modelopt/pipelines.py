@@ -132,6 +132,8 @@ def optimization_pipeline(
     all_builds = builds()
 
     with TaskGroup(group_id=group_id, tooltip="Build, validate and benchmark each target, then promote") as group:
+        # Display names name the target ("validate onnx_fp32"): the grid shows them inside its group,
+        # flat lists (task instances, logs) without it.
         # Tasks keep the ids ``<group_id>.<task>`` however they are grouped below: the per-target and
         # shared-build groups do not prefix (prefix_group_id=False), the task ids carry the outer prefix.
         prefix = group.child_id("")
@@ -169,7 +171,7 @@ def optimization_pipeline(
             trt = [t for t in TARGET_CHAINS[target][0] if all_builds[t].operator in _GPU_OPERATORS]
             mode = extra.get(trt[0], {}).get("execution_mode", execution_mode) if trt else execution_mode
 
-            @task(task_id=f"{prefix}target_{target}", task_display_name=target, retries=0,
+            @task(task_id=f"{prefix}target_{target}", task_display_name=f"check {target}", retries=0,
                   task_group=checks)
             def check(calibration: Any, evaluation: Any, train: Any, execution: Any) -> None:
                 problems = target_problems(target, calibration_data_uri=calibration, eval_data_uri=evaluation,
@@ -225,13 +227,13 @@ def optimization_pipeline(
             candidate = artifact(prefix + last, art)
             home = target_groups[target]
             validate = ops.ValidateEquivalenceOperator(
-                task_id=f"{prefix}validate_{target}", task_group=home, task_display_name="validate",
+                task_id=f"{prefix}validate_{target}", task_group=home, task_display_name=f"validate {target}",
                 reference_uri=model_uri, candidate_uri=candidate,
                 data_uri=eval_data_uri, candidate_format=fmt, candidate_name=target,
                 max_accuracy_drop=max_accuracy_drop, min_top1_agreement=min_top1_agreement,
                 **common, **extra.get(f"validate_{target}", {}))
             bench = ops.BenchmarkOperator(
-                task_id=f"{prefix}benchmark_{target}", task_group=home, task_display_name="benchmark",
+                task_id=f"{prefix}benchmark_{target}", task_group=home, task_display_name=f"benchmark {target}",
                 model_uri=candidate, model_format=fmt, data_uri=eval_data_uri,
                 timed_runs=benchmark_runs, candidate_name=target, **common, **extra.get(f"benchmark_{target}", {}))
             made[last] >> validate >> bench

@@ -78,10 +78,10 @@ def set_targets(page: Page, dialog: Locator, targets: list[str]) -> None:
         expect(box).to_contain_text(target_label(target))
 
 
-def choose(page: Page, dialog: Locator, name: str, option: str) -> None:
-    """Pick an option of an enum Param's dropdown (a react-select combobox)."""
+def choose(page: Page, dialog: Locator, name: str, option: str, label: str | None = None) -> None:
+    """Pick an option of an enum Param's dropdown (a react-select combobox), shown as ``label``."""
     dialog.locator(f"#element_{name} [role=combobox]").click()
-    page.get_by_role("option", name=option, exact=True).click()
+    page.get_by_role("option", name=label or option, exact=True).click()
     expect(dialog.locator(f"input[name=element_{name}]")).to_have_value(option)
 
 
@@ -170,7 +170,7 @@ def test_form_triggers_a_run_that_promotes_in_mlflow(airflow_ui: AirflowUI, page
     fill(dialog, model_uri=artifacts["model_pt2"], calibration_data_uri=artifacts["calibration_data"],
          eval_data_uri=artifacts["eval_data"], registered_model_name=name)
     set_targets(page, dialog, ["onnx_fp32"])
-    choose(page, dialog, "execution_mode", "local")  # as a user choosing the mode would
+    choose(page, dialog, "execution_mode", "local", "local (subprocess on the worker)")  # as a user would
     shot(page, tmp_path, "02-filled", readme="trigger-form")
     answer = submit(page, dialog)
     assert answer.status == 200, answer.text()
@@ -193,7 +193,11 @@ def test_form_triggers_a_run_that_promotes_in_mlflow(airflow_ui: AirflowUI, page
     page.goto(f"{airflow_ui.url}/dags/{DAG_ID}/runs/{run_id}")
     expect(page.get_by_role("heading", name=run_id)).to_be_visible()
     expect(page.get_by_text("Success", exact=True).first).to_be_visible()
-    shot(page, tmp_path, "04-run-succeeded", readme="dag-run-grid")
+    shot(page, tmp_path, "04-run-succeeded")
+    # The grid reads per target: expand the groups (optimize, then every group in it).
+    page.goto(f"{airflow_ui.url}/dags/{DAG_ID}/runs/{run_id}/tasks/optimize.validate_onnx_fp32")
+    expect(page.get_by_text("validate onnx_fp32").first).to_be_visible()
+    shot(page, tmp_path, "05-grid-groups", readme="dag-run-grid")
 
     client = mlflow_server.client()
     versions = client.search_model_versions(f"name = '{name}'")
@@ -229,7 +233,7 @@ def test_form_triggers_a_run_that_promotes_in_mlflow(airflow_ui: AirflowUI, page
     def links(task_id: str) -> dict[str, Any]:
         status, body = airflow_ui.api("GET", f"dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/{task_id}/links")
         assert status == 200, body
-        return body
+        return body["extra_links"]
 
     status, xcom = airflow_ui.api("GET", f"dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/"
                                   "optimize.validate_onnx_fp32/xcomEntries/return_value?deserialize=true")
@@ -244,7 +248,7 @@ def test_form_triggers_a_run_that_promotes_in_mlflow(airflow_ui: AirflowUI, page
     page.goto(f"{airflow_ui.url}/dags/{DAG_ID}/runs/{run_id}/tasks/optimize.validate_onnx_fp32")
     button = page.get_by_role("link", name="MLflow run")
     expect(button).to_have_attribute("href", expected)
-    shot(page, tmp_path, "05-task-link", readme="task-mlflow-link")
+    shot(page, tmp_path, "06-task-link", readme="task-mlflow-link")
     if os.environ.get("MODELOPT_SCREENSHOTS_DIR"):  # the MLflow side, for the README only
         for path, readme in ((f"#/models/{name}", "mlflow-registered-model"),
                              (f"#/models/{name}/versions/{version.version}", "mlflow-model-version"),

@@ -90,9 +90,10 @@ def test_each_target_reads_as_one_group_and_shared_builds_as_another():
         return {t.task_id: t.label for t in groups[name].children.values()}
 
     assert members("shared builds") == {"optimize.export_onnx": "export_onnx"}
-    assert members("check inputs")["optimize.target_onnx_int8_static"] == "onnx_int8_static"
+    assert members("check inputs")["optimize.target_onnx_int8_static"] == "check onnx_int8_static"
     assert members("onnx_int8_static") == {"optimize.onnx_int8_static": "onnx_int8_static",
-        "optimize.validate_onnx_int8_static": "validate", "optimize.benchmark_onnx_int8_static": "benchmark"}
+        "optimize.validate_onnx_int8_static": "validate onnx_int8_static",
+        "optimize.benchmark_onnx_int8_static": "benchmark onnx_int8_static"}
     # The pruned target's whole chain is its own: prune -> export -> quantize sit in its group.
     assert {"optimize.prune", "optimize.export_pruned_onnx", "optimize.pruned_onnx_int8"} <= set(members("pruned_onnx_int8"))
     assert dag.get_task("optimize.select_targets").task_group is optimize
