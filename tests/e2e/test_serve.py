@@ -48,7 +48,9 @@ def test_mlflow_models_serve_answers_invocations_for_the_tflite_int8_champion(ch
         [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{MODEL_NAME}@champion",
          "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
         stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
-        env={**os.environ, **mlflow_server.env(), "OMP_NUM_THREADS": "1"},
+        # PATH as in an activated environment: MLflow execs the environment's uvicorn by name
+        env={**os.environ, **mlflow_server.env(), "OMP_NUM_THREADS": "1",
+             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"},
     )
     try:
         try:
