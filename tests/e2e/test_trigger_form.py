@@ -195,8 +195,9 @@ def test_form_triggers_a_run_that_promotes_in_mlflow(airflow_ui: AirflowUI, page
     expect(page.get_by_text("Success", exact=True).first).to_be_visible()
     shot(page, tmp_path, "04-run-succeeded")
     # The grid reads per target: expand the groups (optimize, then every group in it).
-    page.goto(f"{airflow_ui.url}/dags/{DAG_ID}/runs/{run_id}/tasks/optimize.validate_onnx_fp32")
-    expect(page.get_by_text("validate onnx_fp32").first).to_be_visible()
+    page.goto(f"{airflow_ui.url}/dags/{DAG_ID}/runs/{run_id}")
+    page.get_by_role("button", name="Expand all task groups").click()
+    expect(page.get_by_role("link", name="validate onnx_fp32").first).to_be_visible()
     shot(page, tmp_path, "05-grid-groups", readme="dag-run-grid")
 
     client = mlflow_server.client()
@@ -244,16 +245,18 @@ def test_form_triggers_a_run_that_promotes_in_mlflow(airflow_ui: AirflowUI, page
     assert links("optimize.validate_onnx_fp32") == {"MLflow run": expected}
     promote_links = links("optimize.promote")
     assert promote_links["MLflow registered model"] == f"{mlflow_server.uri}/#/models/{name}", promote_links
-    # ... and the task's page shows the link as a button a user can follow.
-    page.goto(f"{airflow_ui.url}/dags/{DAG_ID}/runs/{run_id}/tasks/optimize.validate_onnx_fp32")
+    # ... and the task's Details tab shows the link as a button a user can follow.
+    page.goto(f"{airflow_ui.url}/dags/{DAG_ID}/runs/{run_id}/tasks/optimize.validate_onnx_fp32/details")
     button = page.get_by_role("link", name="MLflow run")
     expect(button).to_have_attribute("href", expected)
     shot(page, tmp_path, "06-task-link", readme="task-mlflow-link")
     if os.environ.get("MODELOPT_SCREENSHOTS_DIR"):  # the MLflow side, for the README only
-        for path, readme in ((f"#/models/{name}", "mlflow-registered-model"),
-                             (f"#/models/{name}/versions/{version.version}", "mlflow-model-version"),
-                             (f"#/experiments/{experiment.experiment_id}/runs/{parent.info.run_id}", "mlflow-parent-run")):
+        for path, readme, text in (
+                (f"#/models/{name}", "mlflow-registered-model", name),
+                (f"#/models/{name}/versions/{version.version}", "mlflow-model-version", "Lineage"),
+                (f"#/experiments/{experiment.experiment_id}/runs/{parent.info.run_id}", "mlflow-parent-run",
+                 parent.info.run_name or parent.info.run_id)):
             page.goto(f"{mlflow_server.uri}/{path}")
-            page.wait_for_load_state("networkidle")
+            expect(page.get_by_text(text).first).to_be_visible(timeout=60_000)  # MLflow's UI polls: no networkidle
             page.wait_for_timeout(2_000)
             shot(page, tmp_path, readme, readme=readme)
