@@ -32,7 +32,33 @@ def _pair(tflite: list[tuple[str, TensorInfo]], source: list[TensorIO], kind: st
     by_name = {name: (name, t) for name, t in tflite}
     if all(s.name in by_name for s in source):
         return [(s, by_name[s.name][1], s.name) for s in source]
+    by_shape = _pair_by_shape(tflite, source)
+    if by_shape is not None:
+        return by_shape
     return [(s, t, name) for s, (name, t) in zip(source, tflite)]
+
+
+def _fits(source: list[int | None], tflite: list[int | None]) -> bool:
+    """The TFLite shape is the source's (or the source's channel-last form), batch aside."""
+    if len(source) != len(tflite):
+        return False
+    moved = [source[0], *source[2:], source[1]] if len(source) >= 3 else source
+    return any(all(a is None or b is None or a == b for a, b in zip(cand[1:], tflite[1:])) for cand in (source, moved))
+
+
+def _pair_by_shape(tflite: list[tuple[str, TensorInfo]], source: list[TensorIO]) -> list[tuple[TensorIO, TensorInfo, str]] | None:
+    """Pairs by shape when the names differ (onnx2tf's signature names are not the ONNX names, and the
+    converter orders a signature's tensors its own way): only when every source tensor fits exactly
+    one TFLite tensor and no two fit the same one; None otherwise (position decides)."""
+    pairs = []
+    for s in source:
+        fits = [(name, t) for name, t in tflite if _fits(list(s.shape), list(t.shape))]
+        if len(fits) != 1:
+            return None
+        pairs.append((s, fits[0][1], fits[0][0]))
+    if len({t.index for _, t, _ in pairs}) != len(pairs):
+        return None
+    return pairs
 
 
 def _tensor_spec(io_: TensorIO, t: TensorInfo) -> TensorSpec:
