@@ -17,6 +17,12 @@ SHOWN = ("eval_accuracy", "train_time_s", "export_time_s", "max_abs_error_batch_
          "onnx_bytes", "size_ratio", "accuracy_drop", "top1_agreement", "latency_ms_p50", "model_bytes")
 
 
+def _result(client: MlflowClient, run_id: str) -> dict:
+    """A step run's result (modelopt/result.json): its artifacts' URIs and its info."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return json.loads(Path(client.download_artifacts(run_id, "modelopt/result.json", tmp)).read_text())
+
+
 def main(airflow_home: str) -> int:
     db = Path(airflow_home, "modelopt", "mlflow.db").resolve()
     uri = f"sqlite:///{db}"
@@ -32,6 +38,7 @@ def main(airflow_home: str) -> int:
     children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
                                   order_by=["attributes.start_time ASC"])
     promoted = None
+    trained = None
     for run in children:
         tags = run.data.tags
         hit = " (cache hit)" if tags.get("modelopt.cache_hit") == "true" else ""
@@ -41,11 +48,10 @@ def main(airflow_home: str) -> int:
                 print(f"      {key:<24} {run.data.metrics[key]:.6g}")
         for model in client.search_logged_models([exp.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'"):
             print(f"      logged model {model.name}: models:/{model.model_id}")
+        if tags.get("modelopt.step") == "train_example" and run.info.status == "FINISHED":
+            trained = _result(client, run.info.run_id)["artifacts"]
         if tags.get("modelopt.step") == "promote" and run.info.status == "FINISHED":
-            with tempfile.TemporaryDirectory() as tmp:
-                local = client.download_artifacts(run.info.run_id, "modelopt/result.json", tmp)
-                info = json.loads(Path(local).read_text())["info"]
-            promoted = info
+            promoted = _result(client, run.info.run_id)["info"]
     if promoted:
         print()
         print(promoted["summary_markdown"])
@@ -53,6 +59,11 @@ def main(airflow_home: str) -> int:
         print(f"Aliases of {promoted['registered_model_name']}: "
               + ", ".join(f"@{a} -> v{v}" for a, v in sorted(promoted["aliases"].items())))
         print(f"Fetch the champion: mlflow.artifacts.download_artifacts('models:/{promoted['registered_model_name']}@champion')")
+    if trained:
+        print("\nTo optimize this model again from the Airflow UI (modelopt_optimize's trigger form), paste:")
+        for field, key in (("Model URI", "model_pt2"), ("Calibration data URI", "calibration_data"),
+                           ("Evaluation data URI", "eval_data")):
+            print(f"  {field:<22} {trained[key]}")
     print("\nSee it in the MLflow UI:")
     print(f"  .venv/bin/mlflow ui --backend-store-uri {uri} --port 5000   # then open http://127.0.0.1:5000")
     return 0

@@ -87,7 +87,8 @@ class MlflowHook(BaseHook):
             "placeholders": {
                 "host": "mlflow.example.com",
                 "schema": "https",
-                "extra": '{"token": "...", "tracking_uri": "(optional, overrides host)"}',
+                "extra": '{"token": "...", "tracking_uri": "(optional, overrides host)", '
+                         '"ui_url": "(optional: the MLflow UI as people reach it, for task links)"}',
             },
         }
 
