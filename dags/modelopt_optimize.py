@@ -41,8 +41,8 @@ Builds each selected **target** from a trained model, checks it computes the sam
   labels under `y`: `runs:/<run id>/data/calibration.npz`, `runs:/<run id>/data/eval.npz`.
 
 Where to get them: `make demo` trains the example digits CNN (DAG `modelopt_retrain_and_optimize`)
-and logs all three on its `train` MLflow run; the demo's summary prints that run's id, and the
-`train` task's XCom (`artifacts`) holds the ready-to-paste URIs. Your own training DAG can instead
+and logs all three on its `train` MLflow run; the demo's summary ends with the three URIs ready
+to paste here (the `train` task's XCom, `artifacts`, holds them too). Your own training DAG can instead
 emit the Asset `modelopt_trained_model` with those URIs in the event's extra: this DAG then runs on
 its own.
 
