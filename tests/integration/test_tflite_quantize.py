@@ -469,3 +469,25 @@ def test_tf_op_without_builtin_fails_unless_flex_is_allowed(mlflow_server, tmp_p
     assert result["metrics"]["flex_op_count"] == 1
     assert result["info"]["flex_ops"] == {"FlexMatrixDeterminant": 1}
     assert result["info"]["source_kind"] == "saved_model"
+
+
+def test_outputs_named_otherwise_by_onnx2tf_are_paired_by_shape_not_by_position():
+    """onnx2tf names a SavedModel's outputs its own way and TFLite orders a signature's tensors its own
+    way: a two-output model (class logits (N, 10), a box (N, 4)) came back with its outputs swapped.
+    Where names do not match, a shape that fits exactly one TFLite tensor decides; where shapes do not
+    tell (two outputs alike), position still does."""
+    from airflow_modelopt.container.steps.tflite_quantize.check import _pair
+    from airflow_modelopt.container.steps.tflite_quantize.common import TensorIO
+    from airflow_modelopt.container.steps.tflite_quantize.flatbuffer import TensorInfo
+
+    tflite = [("PartitionedCall:0", TensorInfo(7, "box", "float32", [1, 4])),
+              ("PartitionedCall:1", TensorInfo(9, "logits", "float32", [1, 10]))]
+    source = [TensorIO("logits", [None, 10]), TensorIO("box", [None, 4])]
+    assert [(s.name, t.index) for s, t, _ in _pair(tflite, source, "output")] == [("logits", 9), ("box", 7)]
+    alike = [TensorIO("a", [None, 4]), TensorIO("b", [None, 4])]
+    twins = [("o0", TensorInfo(1, "o0", "float32", [1, 4])), ("o1", TensorInfo(2, "o1", "float32", [1, 4]))]
+    assert [(s.name, t.index) for s, t, _ in _pair(twins, alike, "output")] == [("a", 1), ("b", 2)]
+    # a channel-last output (N, C, H, W) -> (N, H, W, C) still fits its source
+    nchw = [TensorIO("mask", [None, 2, 8, 8]), TensorIO("logits", [None, 10])]
+    nhwc = [("x0", TensorInfo(3, "x0", "float32", [1, 10])), ("x1", TensorInfo(4, "x1", "float32", [1, 8, 8, 2]))]
+    assert [(s.name, t.index) for s, t, _ in _pair(nhwc, nchw, "output")] == [("mask", 4), ("logits", 3)]
