@@ -60,10 +60,11 @@ def builds() -> dict[str, Build]:
         Build("tflite_fp16", "TFLiteQuantizeOperator", {"mode": "fp16"}, "export_onnx", "onnx_model"),
         Build("tflite_int8", "TFLiteQuantizeOperator", {"mode": "int8", "calibration_data_uri": "{calibration}"},
               "export_onnx", "onnx_model"),
-        # 20 epochs at lr 3e-3: enough for distillation (no labels) to recover a 50% channel prune of the
-        # example CNN on its 200-sample calibration split (drop 0.0 vs 6 points after 3 epochs at 1e-3).
-        Build("prune", "PruneOperator", {"method": "structured", "sparsity": 0.5, "fine_tune_epochs": 20,
-                                         "learning_rate": 0.003, "train_data_uri": "{train}",
+        # 40 epochs of batch 32 at lr 3e-3, distilling on mixup + noise batches with BatchNorm statistics
+        # re-estimated (the step's defaults): a 50% channel prune recovers without labels on a 200-sample
+        # calibration split (residual CNN: drop 0.007 in-process, vs 0.050 with 20 epochs of plain KD).
+        Build("prune", "PruneOperator", {"method": "structured", "sparsity": 0.5, "fine_tune_epochs": 40,
+                                         "batch_size": 32, "learning_rate": 0.003, "train_data_uri": "{train}",
                                          "eval_data_uri": "{eval}"}),
         Build("export_pruned_onnx", "TorchToOnnxOperator", {"data_uri": "{eval}"}, "prune", "model_pt2"),
         Build("pruned_onnx_int8", "OnnxQuantizeOperator",

@@ -155,6 +155,18 @@ class PruneSpec(StepSpec):
         description="Weight of the distillation term when labels are used too: alpha * KL + (1 - alpha) * "
         "cross-entropy (without labels the loss is the distillation term alone)",
     )
+    distill_augment: bool = Field(
+        True,
+        description="PyTorch distillation: train on mixup + gaussian-noise versions of the train_data_uri inputs "
+        "(float inputs), labelled by the unpruned model on the fly, so a few hundred unlabelled inputs make "
+        "a richer transfer set; false distils on the inputs as given",
+    )
+    fine_tune_batchnorm: Literal["update", "frozen"] = Field(
+        "update",
+        description="PyTorch fine-tune: 'update' trains BatchNorm layers on batch statistics and re-estimates "
+        "their running statistics (stale after a structured prune); 'frozen' keeps the whole model in "
+        "inference mode. Dropout stays off either way",
+    )
     learning_rate: float = Field(1e-3, gt=0, le=1, description="Adam learning rate of the fine-tune")
     batch_size: int = Field(64, ge=1, le=65536, description="Fine-tuning batch size")
     seed: int = Field(0, ge=0, description="Seed of the fine-tune's weights order and batches")

@@ -100,8 +100,20 @@ def run_torch(spec: PruneSpec, ctx: StepContext, path: Path) -> StepOutput:
     acc_before = ft.accuracy(model, eval_x, evaluation[1], names) if evaluation else None
     ctx.log.info("Before: %d parameters, %.0f FLOPs, %d bytes (%d gzipped), sparsity %.4f, accuracy %s",
                  params_before, flops_before, bytes_before, gzip_before, sparsity_before, acc_before)
-    # The unpruned model's outputs on the training data: the distillation targets.
-    teacher = ft.teacher_outputs(model, train_x, names) if signal.startswith("distillation") else None
+    # The distillation teacher: the unpruned model, kept as a frozen copy to label augmented batches,
+    # or its outputs on the training data computed once (inputs as given).
+    teacher = teacher_module = None
+    augment = False
+    if signal.startswith("distillation"):
+        augment = spec.distill_augment and ft.can_augment(train_x)
+        if spec.distill_augment and not augment:
+            ctx.log.info("distill_augment: skipped, the inputs are not all floating point (mixup/noise need floats)")
+        if augment:
+            import copy
+
+            teacher_module = copy.deepcopy(model)
+        else:
+            teacher = ft.teacher_outputs(model, train_x, names)
 
     kept: list[str] = []
     masks: list[Any] = []
@@ -123,7 +135,8 @@ def run_torch(spec: PruneSpec, ctx: StepContext, path: Path) -> StepOutput:
         losses = ft.fine_tune(model, train_x, names, labels=train[1] if "labels" in signal else None,
                               teacher=teacher, temperature=spec.distill_temperature, alpha=spec.distill_alpha,
                               epochs=epochs, lr=spec.learning_rate, batch_size=spec.batch_size, seed=spec.seed,
-                              log=ctx.log)
+                              log=ctx.log, teacher_module=teacher_module, augment=augment,
+                              batchnorm=spec.fine_tune_batchnorm)
     tune_time = time.monotonic() - tune_started
     if masks:
         make_permanent(masks)
@@ -162,7 +175,7 @@ def run_torch(spec: PruneSpec, ctx: StepContext, path: Path) -> StepOutput:
     }
     report = {"framework": "torch", "method": spec.method, "source_kind": source.kind, "input_names": names,
               "kept_layers": kept, "ignored_layers": ignored, "layers": layers, "fine_tune_signal": signal,
-              "fine_tune_losses": losses}
+              "fine_tune_losses": losses, "distill_augment": augment, "fine_tune_batchnorm": spec.fine_tune_batchnorm}
     common.log_epoch_losses(ctx, losses)
     artifacts = {
         "model_pt2": ctx.log_artifact(out_path, "model"),
