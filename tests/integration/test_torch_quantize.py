@@ -116,3 +116,39 @@ def test_bad_input_is_refused_with_one_clear_error(mlflow_server, example_model,
                    export_onnx=False)
     assert run.returncode == 5, run.output[-3000:]
     assert "found no Conv/Linear layer to quantize" in run.output
+
+
+def test_static_int8_of_a_residual_cnn_whose_blocks_call_one_relu_twice(mlflow_server, tmp_path):
+    """ResNet's BasicBlock applies one ``self.relu`` twice; X86InductorQuantizer refused such a model
+    ("Input partition has more than one output node"). Each call is now quantized as its own pattern:
+    every convolution and the classifier become int8 within one point of fp32."""
+    import torch
+    from sklearn.datasets import load_digits
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+    from _bench_common import export_pt2, residual_cnn, save_npz, to_rgb
+
+    digits = load_digits()
+    x = to_rgb((digits.images / 16.0).astype(np.float32)[:, None], 32)
+    y = digits.target.astype(np.int64)
+    order = np.random.default_rng(0).permutation(len(x))
+    ev, cal, tr = order[:400], order[400:600], order[600:]
+    torch.manual_seed(0)
+    model = residual_cnn(widths=(8, 16, 32))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    xt, yt = torch.from_numpy(x[tr]), torch.from_numpy(y[tr])
+    for _ in range(4):
+        model.train()
+        for idx in torch.randperm(len(tr)).split(64):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
+            opt.step()
+    pt2 = export_pt2(model, x[ev], tmp_path / "resnet" / "model.pt2")
+    run = quantize(mlflow_server, model_uri=str(pt2), calibration_data_uri=str(save_npz(tmp_path / "cal.npz", x[cal])),
+                   eval_data_uri=str(save_npz(tmp_path / "eval.npz", x[ev], y[ev])), export_onnx=False)
+    assert run.returncode == 0, run.output[-3000:]
+    m = run.result["metrics"]
+    assert m["fp32_accuracy"] > 0.9, m
+    assert m["quantized_layers"] == 11, m          # 3x3 stem, 3 blocks of 2 convs + 1x1 projection, linear
+    assert m["accuracy_drop"] <= 0.01, m
+    assert "each call is quantized as its own pattern" in run.output

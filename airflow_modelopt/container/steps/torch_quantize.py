@@ -152,6 +152,26 @@ def is_weighted_op(node: Any) -> bool:
     return node.op == "call_function" and getattr(node.target, "_opname", None) in _WEIGHTED_OPS
 
 
+def split_repeated_module_calls(gm: Any) -> int:
+    """Tell apart the calls of a module used more than once (ResNet's BasicBlock applies one
+    ``self.relu`` twice). Without ``source_fn_stack`` (a saved program has none) the quantizer groups
+    nodes into partitions by their innermost module's name, so both ReLU calls fall in one partition
+    with two outputs and X86InductorQuantizer refuses the model ("Input partition has more than one
+    output node"). torch.export already numbers repeated calls in the stack's key (``...relu@1``);
+    copy that number into the name. Only annotation reads this metadata. Returns the nodes renamed."""
+    renamed = 0
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack") if node.op == "call_function" else None
+        if not stack or node.meta.get("source_fn_stack"):
+            continue
+        key, (fqn, cls) = list(stack.items())[-1]
+        _, at, call = str(key).rpartition("@")
+        if at and call.isdigit() and not str(fqn).endswith(f"@{call}"):
+            stack[key] = (f"{fqn}@{call}", cls)
+            renamed += 1
+    return renamed
+
+
 def quantize(module: Any, quantizer: Any, calibration: dict[str, np.ndarray], names: list[str], batch_size: int,
              log: Any) -> Any:
     """prepare_pt2e, calibration passes, convert_pt2e; the fp32 weights the int8 ones replace are dropped."""
@@ -159,6 +179,10 @@ def quantize(module: Any, quantizer: Any, calibration: dict[str, np.ndarray], na
 
     with _quiet_torchao():
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    renamed = split_repeated_module_calls(module)
+    if renamed:
+        log.info("%d node(s) come from a module called more than once: each call is quantized as its own pattern",
+                 renamed)
     try:
         prepared = prepare_pt2e(module, quantizer)
     except Exception as exc:  # noqa: BLE001 - the quantizer names the node it cannot annotate
