@@ -9,6 +9,7 @@ refuses at load on a machine without TensorRT, naming what is missing.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -59,12 +60,27 @@ def built(mlflow_server, example_model, example_onnx) -> dict[str, tuple[str, st
     return out
 
 
-def _register(client: Any, uri: str, name: str, alias: str) -> str:
-    import mlflow
+REGISTERED = "pyfunc-digits"
+#: Benchmark figures handed to promote: TFLite int8 the fastest, so it becomes the champion (the demo's outcome).
+LATENCY = {"tflite_int8": 0.5, "onnx_fp32": 2.0, "openvino_fp32": 1.5, "mnn_fp32": 1.8, "torch_int8": 1.0}
 
-    version = mlflow.register_model(uri, name, await_registration_for=60)
-    client.set_registered_model_alias(name, alias, version.version)
-    return f"models:/{name}@{alias}"
+
+@pytest.fixture(scope="module")
+def promoted(built, mlflow_server) -> dict[str, str]:
+    """The promote step registers every candidate (as the pipeline hands them over) -> target: version URI."""
+    candidates = [{"target": t, "model_uri": uri, "passed": True, "candidate_key": f"pyfunc-{t}",
+                   "metrics": {"latency_ms_p50": LATENCY[t], "model_bytes": 10_000.0, "accuracy_drop": 0.0},
+                   "source_model_uri": "models:/digits-source/1", "lineage": []}
+                  for t, (_, uri, _) in built.items()]
+    run = run_step("promote", {"registered_model_name": REGISTERED, "candidates": candidates,
+                               "context": {**_ctx(), "dag_id": "pyfunc_test", "run_id": "manual__pyfunc"}},
+                   mlflow_server.env())
+    assert run.returncode == 0, run.output[-3000:]
+    client = mlflow_server.client()
+    versions = {v.tags["modelopt.target"]: v.version for v in client.search_model_versions(f"name = '{REGISTERED}'")}
+    assert set(versions) == set(built), versions
+    assert client.get_model_version_by_alias(REGISTERED, "champion").version == versions["tflite_int8"]
+    return {t: f"models:/{REGISTERED}/{v}" for t, v in versions.items()}
 
 
 @pytest.fixture
@@ -80,16 +96,16 @@ def tracking(mlflow_server, monkeypatch):
 
 @pytest.mark.parametrize("target", ["onnx_fp32", "tflite_int8", "openvino_fp32", "mnn_fp32", "torch_int8"])
 def test_registered_version_loads_with_pyfunc_and_predicts_what_validation_computes(
-        target, built, eval_x, tracking, mlflow_server, tmp_path):
+        target, built, promoted, eval_x, tracking, mlflow_server, tmp_path):
     import mlflow.pyfunc
 
     from airflow_modelopt.container.runtimes import load
 
     fmt, model_uri, files_uri = built[target]
     assert model_uri.startswith("models:/m-"), model_uri
-    alias = f"{target}_alias"
-    name = f"pyfunc-{target.replace('_', '-')}"
-    model = mlflow.pyfunc.load_model(_register(tracking, model_uri, name, alias))
+    # The champion (TFLite int8, as in the demo) by its alias; the others by their version.
+    registered = f"models:/{REGISTERED}@champion" if target == "tflite_int8" else promoted[target]
+    model = mlflow.pyfunc.load_model(registered)
 
     # The signature speaks the source model's language: NCHW float32 images, whatever the format's own I/O.
     (inp,) = model.metadata.get_input_schema().inputs
@@ -109,12 +125,12 @@ def test_registered_version_loads_with_pyfunc_and_predicts_what_validation_compu
     if fmt != "onnx":  # a pyfunc deployable pins its runtime's package at the installed version
         import importlib.metadata
 
-        reqs = Path(mlflow.pyfunc.get_model_dependencies(f"models:/{name}@{alias}")).read_text().split()
+        reqs = Path(mlflow.pyfunc.get_model_dependencies(registered)).read_text().split()
         dist = {"tflite": "ai-edge-litert", "openvino": "openvino", "mnn": "MNN", "pt2": "torch"}[fmt]
         assert f"{dist}=={importlib.metadata.version(dist)}" in reqs, reqs
 
 
-def test_tflite_int8_model_answers_mlflow_models_predict_with_its_input_example(built, eval_x, tracking):
+def test_tflite_int8_model_answers_mlflow_models_predict_with_its_input_example(built, eval_x, tracking, tmp_path):
     """``mlflow.models.predict`` in this environment, fed the logged input example (NCHW floats, not
     the model's NHWC int8)."""
     import mlflow.models
@@ -126,9 +142,12 @@ def test_tflite_int8_model_answers_mlflow_models_predict_with_its_input_example(
     if isinstance(example, dict):  # named by the source model's input
         example = example["x"]
     assert np.asarray(example).shape[1:] == (1, 8, 8)
-    predicted = mlflow.models.predict(model_uri=model_uri, input_data=np.asarray(example, dtype=np.float32),
-                                      env_manager="local")
-    np.testing.assert_allclose(np.asarray(predicted), model.predict(np.asarray(example, dtype=np.float32)), atol=1e-6)
+    out = tmp_path / "predictions.json"
+    mlflow.models.predict(model_uri=model_uri, input_data=np.asarray(example, dtype=np.float32), env_manager="local",
+                          output_path=str(out))
+    predicted = json.loads(out.read_text())["predictions"]
+    np.testing.assert_allclose(np.asarray(predicted, dtype=np.float32),
+                               model.predict(np.asarray(example, dtype=np.float32)), atol=1e-6)
 
 
 def test_tensorrt_pyfunc_refuses_at_load_without_tensorrt_naming_what_is_missing(tracking, tmp_path):
@@ -150,9 +169,9 @@ def test_tensorrt_pyfunc_refuses_at_load_without_tensorrt_naming_what_is_missing
     (folder / "model.engine").write_bytes(b"not an engine this machine could run")
     ModelSignature(format="tensorrt", inputs=[TensorSpec(name="x", shape=[None, 1, 8, 8], dtype="float16")],
                    outputs=[TensorSpec(name="logits", shape=[None, 10], dtype="float16")]).write(folder)
-    tracking.get_experiment_by_name(EXPERIMENT) or tracking.create_experiment(EXPERIMENT)
-    mlflow.set_experiment(EXPERIMENT)
-    with mlflow.start_run():
+    found = tracking.get_experiment_by_name(EXPERIMENT)
+    experiment_id = found.experiment_id if found else tracking.create_experiment(EXPERIMENT)
+    with mlflow.start_run(experiment_id=experiment_id):  # no set_experiment: in-process steps of later tests
         info = log_deployable(folder, "tensorrt", name="tensorrt_engine")
     (inp,) = info.signature.inputs.inputs
     assert (inp.type, tuple(inp.shape)) == (np.dtype("float32"), (-1, 1, 8, 8))
