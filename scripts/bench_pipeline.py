@@ -1,0 +1,227 @@
+"""What a modelopt_optimize run costs beyond its steps' work: the floor Airflow itself imposes on the
+same task graph, a cold run, and a fully cached re-run, side by side on this machine.
+
+* **floor**: a DAG with the same tasks and dependencies as the cold run executed (tasks the run
+  skipped are left out), each a no-op Python task: what Airflow alone costs for this graph.
+* **cold**: ``modelopt_optimize`` on the example digits CNN (trained first by ``train_example``), local
+  mode, against a real ``mlflow server`` on loopback.
+* **cached**: the same DAG and conf again: every step finds its cache entry.
+
+Each is run under ``airflow dags test`` (one process, tasks in turn) and, with ``--scheduler``, under
+a real scheduler with the LocalExecutor (``parallelism`` 4, tasks in their own processes, triggered
+over the REST API; the e2e tier's Airflow stack). Step compute is the sum of the step runs' MLflow
+durations (start to end of each ``airflow-modelopt run``'s run). Prints one table and the ratios
+issue 12 holds the pipeline to (cached <= 1.3x floor; cold <= compute + 1.3x floor).
+
+    .venv/bin/python scripts/bench_pipeline.py [--targets onnx_fp32 onnx_int8_static] [--scheduler]
+
+Run it on a checkout nobody edits meanwhile: the cache key covers the container side's code, so an
+edit under ``airflow_modelopt/container`` or ``specs`` between the runs turns the cached re-run cold
+(the table's "steps (cached)" column shows it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from _bench_common import mlflow_server, run_step
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+FLOOR_DAG = '''"""No-op twin of modelopt_optimize's executed tasks (scripts/bench_pipeline.py writes it)."""
+import json
+from datetime import datetime
+from pathlib import Path
+
+from airflow.providers.standard.operators.python import PythonOperator
+from airflow.sdk import DAG
+
+GRAPH = json.loads((Path(__file__).with_name("floor_graph.json")).read_text())
+
+
+def _noop():
+    return None
+
+
+with DAG("modelopt_floor", schedule=None, start_date=datetime(2026, 1, 1), catchup=False) as dag:
+    ops = {t: PythonOperator(task_id=t.replace(".", "__"), python_callable=_noop) for t in GRAPH}
+    for t, upstream in GRAPH.items():
+        for u in upstream:
+            if u in ops:
+                ops[u] >> ops[t]
+'''
+
+
+def airflow_env(home: Path, dags: Path, tracking_uri: str) -> dict[str, str]:
+    return {
+        **{k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")},
+        "AIRFLOW_HOME": str(home), "AIRFLOW__CORE__DAGS_FOLDER": str(dags),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+        "AIRFLOW_CONN_MLFLOW_DEFAULT": tracking_uri, "AIRFLOW__MODELOPT__EXECUTION_MODE": "local",
+        "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+    }
+
+
+def airflow(env: dict[str, str], *args: str, timeout: float = 3600) -> subprocess.CompletedProcess:
+    return subprocess.run([str(Path(sys.executable).with_name("airflow")), *args], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def dags_test(env: dict[str, str], dag_id: str, conf: dict[str, Any]) -> float:
+    started = time.monotonic()
+    proc = airflow(env, "dags", "test", dag_id, "-c", json.dumps(conf))
+    wall = time.monotonic() - started
+    if proc.returncode != 0:
+        raise RuntimeError(f"airflow dags test {dag_id} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
+    return wall
+
+
+def executed_graph(env: dict[str, str], dag_id: str) -> dict[str, list[str]]:
+    """Task id -> upstream task ids, for the tasks the DAG's latest run did not skip."""
+    code = f"""
+import json
+from airflow.dag_processing.dagbag import DagBag
+from airflow.models import DagRun, TaskInstance
+from airflow.utils.session import create_session
+dag = DagBag({str(REPO / 'dags')!r}).get_dag({dag_id!r})
+with create_session() as session:
+    run = session.query(DagRun).filter(DagRun.dag_id == {dag_id!r}).order_by(DagRun.start_date.desc()).first()
+    tis = session.query(TaskInstance).filter(TaskInstance.dag_id == {dag_id!r}, TaskInstance.run_id == run.run_id)
+    ran = [ti.task_id for ti in tis if ti.state not in ("skipped", None)]
+print(json.dumps({{t.task_id: [u for u in sorted(t.upstream_task_ids) if u in ran] for t in dag.tasks if t.task_id in ran}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"reading the executed graph failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def step_compute(tracking_uri: str, after_ms: int, before_ms: int) -> tuple[float, int, int]:
+    """(seconds of step runs, number of steps, cache hits) for step runs started in the window."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("modelopt_optimize")
+    runs = client.search_runs([experiment.experiment_id], "tags.`modelopt.role` = 'step'", max_results=1000)
+    window = [r for r in runs if after_ms <= r.info.start_time <= before_ms and r.info.end_time]
+    total = sum((r.info.end_time - r.info.start_time) / 1000 for r in window)
+    hits = sum(r.data.tags.get("modelopt.cache_hit") == "true" for r in window)
+    return total, len(window), hits
+
+
+def timed(label: str, fn: Any, tracking_uri: str, rows: list[dict[str, Any]], mode: str) -> None:
+    after = int(time.time() * 1000)
+    wall = fn()
+    compute, steps, hits = step_compute(tracking_uri, after, int(time.time() * 1000)) if label != "floor" else (0, 0, 0)
+    rows.append({"mode": mode, "run": label, "wall_s": wall, "compute_s": compute, "steps": steps, "hits": hits})
+    print(f"  {mode:10s} {label:7s} wall {wall:6.1f} s  step compute {compute:6.1f} s  ({steps} steps, {hits} cached)",
+          flush=True)
+
+
+def scheduler_runs(env: dict[str, str], work: Path, conf: dict[str, Any], tracking_uri: str,
+                   rows: list[dict[str, Any]]) -> None:
+    import secrets
+
+    from tests.conftest import free_port
+    from tests.e2e.conftest import AirflowUI
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**env, "AIRFLOW__CORE__EXECUTOR": "LocalExecutor", "AIRFLOW__CORE__PARALLELISM": "4",
+           "AIRFLOW__CORE__AUTH_MANAGER":
+               "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
+           "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True", "AIRFLOW__API__BASE_URL": url,
+           "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{url}/execution/",
+           "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(64),
+           "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
+           "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
+           "AIRFLOW__DAG_PROCESSOR__PARSING_PROCESSES": "1", "PYTHONUNBUFFERED": "1"}
+    stack = AirflowUI(url=url, home=Path(env["AIRFLOW_HOME"]), env=env)
+    stack.start()
+    try:
+        stack.wait_until_ready("modelopt_floor")
+        stack.wait_until_ready("modelopt_optimize")
+        for dag_id in ("modelopt_floor", "modelopt_optimize"):
+            stack.api("PATCH", f"dags/{dag_id}", {"is_paused": False})
+
+        def trigger(dag_id: str, body_conf: dict[str, Any]) -> float:
+            started = time.monotonic()
+            status, run = stack.api("POST", f"dags/{dag_id}/dagRuns",
+                                    {"logical_date": None, "conf": body_conf})
+            if status not in (200, 201):
+                raise RuntimeError(f"trigger {dag_id}: HTTP {status}: {run}")
+            state = stack.wait_for_run(dag_id, run["dag_run_id"], timeout=3600)
+            if state != "success":
+                raise RuntimeError(f"{dag_id} run ended {state}:\n{stack.diagnostics()}")
+            return time.monotonic() - started
+
+        timed("floor", lambda: trigger("modelopt_floor", {}), tracking_uri, rows, "scheduler")
+        timed("cold", lambda: trigger("modelopt_optimize", {**conf, "registered_model_name": "bench-sched"}),
+              tracking_uri, rows, "scheduler")
+        timed("cached", lambda: trigger("modelopt_optimize", {**conf, "registered_model_name": "bench-sched"}),
+              tracking_uri, rows, "scheduler")
+    finally:
+        stack.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--targets", nargs="+", default=["onnx_fp32", "onnx_int8_static", "tflite_int8"])
+    parser.add_argument("--scheduler", action="store_true", help="also run under a scheduler with LocalExecutor")
+    parser.add_argument("--workdir", type=Path, default=None)
+    args = parser.parse_args()
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="modelopt-bench-pipeline-"))
+    print(f"work folder {work}; targets {args.targets}", flush=True)
+    with mlflow_server(work / "mlflow") as store:
+        uri = store["MLFLOW_TRACKING_URI"]
+        trained = run_step("train_example", {"context": {"experiment_name": "modelopt_optimize"}},
+                           {**store, "MODELOPT_LOG_LEVEL": "WARNING"})["artifacts"]
+        conf = {"model_uri": trained["model_pt2"], "calibration_data_uri": trained["calibration_data"],
+                "eval_data_uri": trained["eval_data"], "targets": args.targets,
+                "registered_model_name": "bench-dags-test"}
+        dags = work / "dags"
+        dags.mkdir()
+        (dags / "modelopt_optimize.py").symlink_to(REPO / "dags" / "modelopt_optimize.py")
+        home = work / "airflow"
+        env = airflow_env(home, dags, uri)
+        migrate = airflow(env, "db", "migrate", timeout=900)
+        if migrate.returncode != 0:
+            raise RuntimeError(migrate.stderr[-2000:])
+        rows: list[dict[str, Any]] = []
+        timed("cold", lambda: dags_test(env, "modelopt_optimize", conf), uri, rows, "dags test")
+        (dags / "floor_graph.json").write_text(json.dumps(executed_graph(env, "modelopt_optimize")))
+        (dags / "modelopt_floor.py").write_text(FLOOR_DAG)
+        timed("cached", lambda: dags_test(env, "modelopt_optimize", conf), uri, rows, "dags test")
+        timed("floor", lambda: dags_test(env, "modelopt_floor", {}), uri, rows, "dags test")
+        if args.scheduler:
+            scheduler_runs(env, work, conf, uri, rows)
+
+    tasks = len(json.loads((dags / "floor_graph.json").read_text()))
+    print(f"\nmodelopt_optimize, targets {', '.join(args.targets)}: {tasks} tasks executed; "
+          f"this machine: {os.cpu_count()} CPUs\n")
+    print("| mode | run | wall s | step compute s | steps (cached) | wall / floor |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        floor = next(x["wall_s"] for x in rows if x["mode"] == r["mode"] and x["run"] == "floor")
+        print(f"| {r['mode']} | {r['run']} | {r['wall_s']:.1f} | {r['compute_s']:.1f} | {r['steps']} ({r['hits']}) "
+              f"| {r['wall_s'] / floor:.2f}x |")
+    print()
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+        by = {r["run"]: r for r in rows if r["mode"] == mode}
+        floor, cold, cached = by["floor"]["wall_s"], by["cold"], by["cached"]
+        print(f"{mode}: cached re-run {cached['wall_s'] / floor:.2f}x the floor (target <= 1.3x); cold run "
+              f"{cold['wall_s']:.1f} s vs step compute + 1.3x floor = {cold['compute_s'] + 1.3 * floor:.1f} s "
+              f"({'met' if cold['wall_s'] <= cold['compute_s'] + 1.3 * floor else 'not met'})")
+
+
+if __name__ == "__main__":
+    main()
