@@ -141,16 +141,21 @@ def distill_rows(name: str, src: dict[str, str], args: argparse.Namespace) -> li
     common = {"model_uri": src["pt2"], "train_data_uri": src["train"], "eval_data_uri": src["eval"],
               "width_factor": args.width, "epochs": args.distill_epochs, "early_stop_patience": None,
               "context": {"experiment_name": "bench-tqd"}}
-    kd = run_step("distill", {**common, "alpha": 0.9})
-    hard = run_step("distill", {**common, "alpha": 0.0})
-    m, h = kd.metrics, hard.metrics
-    return [
-        {"model": name, "variant": "teacher", "params": m["teacher_params"], "accuracy": m["teacher_accuracy"]},
-        {"model": name, "variant": f"student x{args.width} distilled", "params": m["student_params"],
-         "accuracy": m["student_accuracy"]},
-        {"model": name, "variant": f"student x{args.width} hard labels only", "params": h["student_params"],
-         "accuracy": h["student_accuracy"]},
-    ]
+    rows = [{"model": name, "variant": "teacher", "params": None, "accuracy": None}]
+    variants = [("distilled", {"alpha": 0.9}), ("hard labels only", {"alpha": 0.0})]
+    if args.augment:
+        # mixup + noise batches, BatchNorm statistics updated: the teacher labels each augmented
+        # batch (KD); the hard-label twin mixes each sample's label with its partner's (mixup).
+        extra = {"augment": True, "batchnorm": "update"}
+        variants += [("distilled, augmented", {"alpha": 0.9, **extra}),
+                     ("hard labels only, augmented", {"alpha": 0.0, **extra})]
+    for label, fields in variants:
+        m = run_step("distill", {**common, **fields}).metrics
+        rows[0].update(params=m["teacher_params"], accuracy=m["teacher_accuracy"])
+        rows.append({"model": name, "variant": f"student x{args.width} {label}", "params": m["student_params"],
+                     "accuracy": m["student_accuracy"]})
+        progress(f"{name}: {rows[-1]['variant']}: accuracy {m['student_accuracy']:.4f}")
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--distill-epochs", type=int, default=6)
     parser.add_argument("--width", type=float, default=0.45, help="narrowed student's width factor")
     parser.add_argument("--skip-distill", action="store_true")
+    parser.add_argument("--augment", action="store_true",
+                        help="also distil and hard-label-train on mixup + noise batches with BatchNorm updated")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
 

@@ -76,6 +76,18 @@ class DistillSpec(StepSpec):
         "cosine", description="cosine: anneal the learning rate to 0 over epochs; constant: keep it"
     )
     batch_size: int = Field(64, ge=1, le=65536, description="Training batch size")
+    augment: bool = Field(
+        False,
+        description="Train on mixup + gaussian-noise versions of the train_data_uri inputs (float inputs), the "
+        "teacher labelling each augmented batch on the fly (with labels, the cross-entropy mixes both labels); "
+        "a richer transfer set when the training data is small",
+    )
+    batchnorm: Literal["update", "frozen"] = Field(
+        "frozen",
+        description="Narrowed-teacher student: 'update' trains its BatchNorm layers on batch statistics (running "
+        "statistics re-estimated), 'frozen' keeps the whole student in inference mode. A user student trains "
+        "in training mode either way",
+    )
     early_stop_patience: int | None = Field(
         5,
         ge=1,

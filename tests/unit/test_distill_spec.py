@@ -125,3 +125,11 @@ def test_bad_student_references_name_the_field(student, kwargs, message):
 
     with pytest.raises(InputError, match=message):
         build_student(parse(student=student, student_kwargs=kwargs))
+
+
+def test_augmentation_and_batchnorm_updates_are_opt_in_and_checked():
+    spec = parse()
+    assert (spec.augment, spec.batchnorm) == (False, "frozen")  # distill keeps its plain transfer set by default
+    assert (parse(augment=True, batchnorm="update").augment, parse(batchnorm="update").batchnorm) == (True, "update")
+    with pytest.raises(SpecError, match=r"batchnorm"):
+        parse(batchnorm="train")

@@ -160,3 +160,17 @@ def test_batchnorm_update_re_estimates_stale_statistics_and_keeps_dropout_off(ba
         assert torch.allclose(bn.running_mean, real_mean, atol=0.3), (bn.running_mean, real_mean)
     else:
         assert torch.equal(bn.running_mean, torch.full((8,), 5.0))
+
+
+def test_a_mixup_batch_mixes_each_samples_label_with_its_partners_by_the_same_weight():
+    from airflow_modelopt.container.steps.prune.fine_tune import batch_loss
+
+    gen = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(6, 4, generator=gen), torch.tensor([0, 1, 2, 3, 0, 1])
+    partner = torch.tensor([5, 4, 3, 2, 1, 0])
+    own = batch_loss([logits], None, labels, torch.ones(6), partner, temperature=2.0, alpha=0.5)
+    other = batch_loss([logits], None, labels, torch.zeros(6), partner, temperature=2.0, alpha=0.5)
+    assert float(own) == pytest.approx(float(F.cross_entropy(logits, labels)))
+    assert float(other) == pytest.approx(float(F.cross_entropy(logits, labels[partner])))
+    half = batch_loss([logits], None, labels, torch.full((6,), 0.5), partner, temperature=2.0, alpha=0.5)
+    assert float(half) == pytest.approx((float(own) + float(other)) / 2)

@@ -16,9 +16,10 @@
 4. The student is exported with torch.export (dynamic batch) as ``model_pt2``, which torch_to_onnx
    takes; a training-curve PNG and a JSON history are logged beside it.
 
-A narrowed student stays in inference mode while it trains (its BatchNorm statistics stay frozen, as
-in the prune step's fine-tune: the lifted graph was traced that way); a user architecture trains in
-training mode and is exported in eval mode.
+A narrowed student stays in inference mode while it trains; with ``batchnorm='update'`` its BatchNorm
+layers train on batch statistics (``prune.fine_tune.set_train_mode``). A user architecture trains in
+training mode and is exported in eval mode. With ``augment`` the student learns on mixup + noise
+batches that the teacher (the lifted copy) labels on the fly (``prune.fine_tune``'s augmenter).
 """
 
 from __future__ import annotations
@@ -94,16 +95,21 @@ def narrowed_teacher(teacher: Any, feeds: dict[str, np.ndarray], names: list[str
 
 
 def train(student: Any, train_x: dict[str, np.ndarray], names: list[str], labels: np.ndarray | None,
-          teacher_out: list[np.ndarray], evaluation: tuple[dict[str, np.ndarray], np.ndarray] | None,
-          spec: DistillSpec, ctx: StepContext, train_mode: bool) -> list[dict[str, float]]:
+          teacher_out: list[np.ndarray] | None, evaluation: tuple[dict[str, np.ndarray], np.ndarray] | None,
+          spec: DistillSpec, ctx: StepContext, train_mode: bool | str, teacher: Any = None) -> list[dict[str, float]]:
     """Adam with a cosine (or constant) learning rate on the distillation loss; per-epoch metrics,
-    early stop on eval accuracy, best epoch's weights restored. Returns the per-epoch history."""
+    early stop on eval accuracy, best epoch's weights restored. Returns the per-epoch history.
+
+    The teacher's outputs are ``teacher_out`` (computed once), or, with ``teacher`` (augmented
+    batches), the teacher run on each batch. ``train_mode``: True/False for the whole student, or
+    ``'update'``/``'frozen'`` (BatchNorm layers alone train, ``ft.set_train_mode``)."""
     import torch
 
     torch.manual_seed(spec.seed)
     gen = torch.Generator().manual_seed(spec.seed)
     tensors = [torch.from_numpy(np.ascontiguousarray(train_x[n])) for n in names]
-    targets = [torch.from_numpy(np.ascontiguousarray(t)) for t in teacher_out]
+    targets = [torch.from_numpy(np.ascontiguousarray(t)) for t in teacher_out] if teacher_out is not None else None
+    augmenter = ft.Augmenter(tensors, gen, spec.seed) if teacher is not None else None
     y = torch.from_numpy(labels.astype(np.int64)) if labels is not None else None
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=spec.learning_rate)
@@ -113,16 +119,28 @@ def train(student: Any, train_x: dict[str, np.ndarray], names: list[str], labels
     history: list[dict[str, float]] = []
     best_acc, best_state, stale = -math.inf, None, 0
     for epoch in range(spec.epochs):
-        student.train(train_mode)
+        if isinstance(train_mode, str):
+            ft.set_train_mode(student, train_mode)
+        else:
+            student.train(train_mode)
         perm = torch.randperm(n, generator=gen)
         total = 0.0
         lr = opt.param_groups[0]["lr"]
         for i in range(0, n, spec.batch_size):
             idx = perm[i: i + spec.batch_size]
+            batch = [t[idx] for t in tensors]
+            lam = partner = None
+            if augmenter is not None:
+                batch, lam, partner = augmenter(batch)
+                with torch.no_grad():
+                    tb = ft._as_list(teacher(*batch))
+            else:
+                assert targets is not None
+                tb = [t[idx] for t in targets]
             opt.zero_grad()
-            out = ft._as_list(student(*[t[idx] for t in tensors]))
-            loss = ft.distillation_loss(out, [t[idx] for t in targets], None if y is None else y[idx],
-                                        temperature=spec.temperature, alpha=spec.alpha)
+            out = ft._as_list(student(*batch))
+            loss = ft.batch_loss(out, tb, None if y is None else y[idx], lam, partner,
+                                 temperature=spec.temperature, alpha=spec.alpha)
             loss.backward()
             opt.step()
             total += loss.item() * len(idx)
@@ -215,13 +233,17 @@ def run(spec: DistillSpec, ctx: StepContext) -> StepOutput:
         raise InputError(f"model_uri: distillation on logits needs a classifier with one (batch, classes) output; "
                          f"the teacher gives {[list(r.shape) for r in ref]}")
     teacher = lift(source.module, feeds, names, ref)
-    teacher_out = ft.teacher_outputs(source.module, train_x, names)
+    augment = spec.augment and ft.can_augment(train_x)
+    if spec.augment and not augment:
+        ctx.log.info("augment: skipped, the inputs are not all floating point (mixup/noise need floats)")
+    teacher_out = None if augment else ft.teacher_outputs(source.module, train_x, names)
     teacher_acc = ft.accuracy(source.module, eval_x, evaluation[1], names) if evaluation else None
 
     if spec.student is not None:
         student, kind, train_mode = build_student(spec), "user", True
     else:
-        student, kind, train_mode = narrowed_teacher(teacher, feeds, names, spec, ctx.log), "narrowed_teacher", False
+        student, kind, train_mode = (narrowed_teacher(teacher, feeds, names, spec, ctx.log), "narrowed_teacher",
+                                     spec.batchnorm)
     try:
         got = ft.forward(student.eval(), feeds, names)
     except Exception as exc:  # noqa: BLE001
@@ -236,8 +258,13 @@ def run(spec: DistillSpec, ctx: StepContext) -> StepOutput:
                  signal(train_data[1] is not None, spec.alpha))
 
     started = time.monotonic()
+    if augment:
+        teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
     history = train(student, train_x, names, train_data[1], teacher_out,
-                    (eval_x, evaluation[1]) if evaluation else None, spec, ctx, train_mode)
+                    (eval_x, evaluation[1]) if evaluation else None, spec, ctx, train_mode,
+                    teacher=teacher if augment else None)
     train_time = time.monotonic() - started
 
     out_path = export_student(student, feeds, names, ctx.workdir / "model" / tm.PT2_NAME)
@@ -265,7 +292,8 @@ def run(spec: DistillSpec, ctx: StepContext) -> StepOutput:
         "history": ctx.log_dict({"history": history, "student_kind": kind}, "distill/history.json"),
     }
     info = {"student_kind": kind, "student": spec.student, "width_factor": spec.effective_width if kind != "user"
-            else None, "input_names": names, "format": "pt2", "feature_matching": False,
+            else None, "input_names": names, "format": "pt2", "feature_matching": False, "augment": augment,
+            "batchnorm": spec.batchnorm if kind != "user" else "train",
             "signal": signal(train_data[1] is not None, spec.alpha)}
     return StepOutput(artifacts=artifacts, metrics=metrics, info=info)
 
