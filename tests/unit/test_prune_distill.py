@@ -174,3 +174,26 @@ def test_a_mixup_batch_mixes_each_samples_label_with_its_partners_by_the_same_we
     assert float(other) == pytest.approx(float(F.cross_entropy(logits, labels[partner])))
     half = batch_loss([logits], None, labels, torch.full((6,), 0.5), partner, temperature=2.0, alpha=0.5)
     assert float(half) == pytest.approx((float(own) + float(other)) / 2)
+
+
+@pytest.mark.parametrize("batchnorm", ["update", "frozen"])
+def test_distill_trains_through_a_last_batch_of_one_sample(batchnorm):
+    """33 samples at batch 32 leave a last batch of one, which BatchNorm refuses in training mode
+    ("Expected more than 1 value per channel"): the distill step's loop skips it, as the prune
+    fine-tune does, and still logs one row per epoch."""
+    import types
+
+    from airflow_modelopt.container.steps import distill
+
+    torch.manual_seed(0)
+    student = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 4))
+    x = np.random.default_rng(0).normal(size=(33, 6)).astype(np.float32)
+    teacher_out = [np.random.default_rng(1).normal(size=(33, 4)).astype(np.float32)]
+    rows = []
+    ctx = types.SimpleNamespace(log=logging.getLogger("test"), log_metrics=lambda row, step: rows.append(row))
+    dspec = parse_spec("distill", {"model_uri": "runs:/abc/model/model.pt2", "train_data_uri": "runs:/abc/t.npz",
+                                   "epochs": 2, "batch_size": 32,
+                                   "batchnorm": batchnorm})
+    history = distill.train(student, {"x": x}, ["x"], None, teacher_out, None, dspec, ctx, train_mode=batchnorm)
+    assert len(history) == len(rows) == 2
+    assert all(math.isfinite(r["train_loss"]) for r in history)

@@ -128,6 +128,8 @@ def train(student: Any, train_x: dict[str, np.ndarray], names: list[str], labels
         lr = opt.param_groups[0]["lr"]
         for i in range(0, n, spec.batch_size):
             idx = perm[i: i + spec.batch_size]
+            if len(idx) < 2 and i > 0 and (train_mode is True or train_mode == "update"):
+                continue  # a last batch of one has no batch statistics (BatchNorm in train mode refuses it)
             batch = [t[idx] for t in tensors]
             lam = partner = None
             if augmenter is not None:
