@@ -90,9 +90,13 @@ def preprocess(src: Path, out_dir: Path, optimize: bool, log: Any) -> tuple[Path
     out = out_dir / "model.onnx"
     started = time.monotonic()
     errors = []
+    # ORT's symbolic shape inference saves the model it could not finish as sym_shape_infer_temp.onnx
+    # (+ external data) in the working directory: run it in a scratch folder, not the worker's cwd.
+    scratch = out_dir.parent / f"{out_dir.name}.scratch"
+    scratch.mkdir(exist_ok=True)
     for symbolic in (True, False):
         try:
-            with _stdout_to_stderr():
+            with _stdout_to_stderr(), contextlib.chdir(scratch):
                 quant_pre_process(
                     str(src), str(out), skip_optimization=not optimize, skip_symbolic_shape=not symbolic,
                     save_as_external_data=True, all_tensors_to_one_file=True, external_data_location="model.onnx.data",
