@@ -58,7 +58,9 @@ def main(airflow_home: str) -> int:
         print(f"Policy: {promoted['decision']}")
         print(f"Aliases of {promoted['registered_model_name']}: "
               + ", ".join(f"@{a} -> v{v}" for a, v in sorted(promoted["aliases"].items())))
-        print(f"Fetch the champion: mlflow.artifacts.download_artifacts('models:/{promoted['registered_model_name']}@champion')")
+        name = promoted["registered_model_name"]
+        print(f"Load the champion: mlflow.pyfunc.load_model('models:/{name}@champion')  "
+              f"(tracking URI {uri}); its files: mlflow.artifacts.download_artifacts('models:/{name}@champion')")
     if trained:
         print("\nTo optimize this model again from the Airflow UI (modelopt_optimize's trigger form), paste:")
         for field, key in (("Model URI", "model_pt2"), ("Calibration data URI", "calibration_data"),
