@@ -266,4 +266,6 @@ def log_step_deployable(ctx: Any, folder: Path, fmt: str, artifact: str,
     info = log_deployable(folder, fmt, data=data, name=f"{artifact}_pyfunc")
     ctx.log.info("Logged the %s model as MLflow model %s (pyfunc, raw files at %s)", fmt, info.model_uri, raw)
     return {artifact: info.model_uri, f"{artifact}_files": raw}
+
+
 __all__ = ["DeployableModel", "log_deployable", "log_step_deployable", "mlflow_signature", "pip_requirements"]

@@ -316,8 +316,8 @@ def _register(client: Any, spec: PromoteSpec, c: Candidate, log: Any,
         log.info("%s: already registered as version %s (candidate key %s)", c.target, existing[0].version, key[:12])
         return existing[0], False
     if c.model_uri.startswith("runs:/"):
-        # A plain artifact folder (a TFLite model, a TensorRT engine) is not an MLflow logged model:
-        # register its resolved artifact location, linked to the run that made it.
+        # A plain artifact folder, not an MLflow logged model (candidates of steps from before every
+        # deployable became one, or a user's own): register its resolved location, linked to its run.
         run_id, _, path = c.model_uri[len("runs:/"):].partition("/")
         source = client.get_run(run_id).info.artifact_uri.rstrip("/") + "/" + path.strip("/")
         version = client.create_model_version(spec.registered_model_name, source, run_id=run_id,
