@@ -226,10 +226,6 @@ def log_deployable(folder: Path, fmt: str, *, data: dict[str, np.ndarray] | None
     )
 
 
-
-
-
-
 def onnx_signature_and_example(proto: Any, data: dict[str, np.ndarray] | None = None) -> tuple[Any, Any]:
     """(MLflow signature, input example) of an ONNX model from its graph's inputs and outputs
     (initializers that are also listed as inputs left out; dynamic dims -1)."""
