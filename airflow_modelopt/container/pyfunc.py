@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -104,8 +105,13 @@ class DeployableModel(PythonModel):
         try:
             self._rt = load(path, self.fmt, threads=self.threads, field="model", origin=f"this MLflow {self.fmt} model")
         except InputError as exc:
+            # The runtimes layer advises a step where to run; someone loading a model needs other advice.
+            reason = re.split(r"[:;] run this step in ", str(exc), maxsplit=1)[0]
+            gpu = " on an NVIDIA GPU" if self.fmt == "tensorrt" else ""
             raise RuntimeError(
-                f"This MLflow model is a {self.fmt} deployable built by airflow-modelopt and cannot run here: {exc}"
+                f"This MLflow model is a {self.fmt} deployable built by airflow-modelopt and cannot run here: "
+                f"{reason}. Load or serve it{gpu} in an environment with its runtime and airflow-modelopt installed "
+                "(the model's requirements.txt pins the runtime)"
             ) from None
 
     def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> Any:

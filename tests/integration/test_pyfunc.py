@@ -176,5 +176,6 @@ def test_tensorrt_pyfunc_refuses_at_load_without_tensorrt_naming_what_is_missing
     (inp,) = info.signature.inputs.inputs
     assert (inp.type, tuple(inp.shape)) == (np.dtype("float32"), (-1, 1, 8, 8))
     with pytest.raises(Exception, match=r"tensorrt deployable .* cannot run here: .*tensorrt Python package and an "
-                                        r"NVIDIA GPU"):
+                                        r"NVIDIA GPU\. Load or serve it on an NVIDIA GPU in an environment") as refused:
         mlflow.pyfunc.load_model(info.model_uri)
+    assert "run this step" not in str(refused.value)  # the step's advice is for steps, not for someone serving
