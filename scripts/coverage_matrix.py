@@ -197,10 +197,13 @@ def cell(row: dict[str, Any] | None, base: dict[str, Any] | None) -> str:
     gate_ok = row["top1_agreement"] >= MIN_TOP1 or row["cosine"] >= MIN_COSINE
     parts = [("✓" if gate_ok else "⚠"), f"agree {row['top1_agreement']:.3f}", f"drop {row['accuracy_drop']:+.3f}",
              f"cos {row['cosine']:.4f}"]
-    if base and "bytes" in base:
-        parts.append(f"size {row['bytes'] / base['bytes']:.2f}x")
-    if base and "p50_ms" in base and "p50_ms" in row:
-        parts.append(f"p50 {row['p50_ms'] / base['p50_ms']:.2f}x")
+    # A cell kept from an earlier run (--merge) carries that run's fp32 figures: ratios stay side by side.
+    ref_bytes = row.get("ref_bytes", (base or {}).get("bytes"))
+    ref_p50 = row.get("ref_p50_ms", (base or {}).get("p50_ms"))
+    if ref_bytes:
+        parts.append(f"size {row['bytes'] / ref_bytes:.2f}x")
+    if ref_p50 and "p50_ms" in row:
+        parts.append(f"p50 {row['p50_ms'] / ref_p50:.2f}x")
     return " · ".join(parts)
 
 
@@ -238,7 +241,7 @@ def main() -> int:
     parser.add_argument("--budget-min", type=float, default=None,
                         help="Start no further model after this many minutes (the rest are listed as not run)")
     parser.add_argument("--merge", type=Path, default=None,
-                        help="A --json file of an earlier run: its rows are kept, the models run now replace theirs")
+                        help="A --json file of an earlier run: its cells are kept, the targets run now replace theirs")
     parser.add_argument("--note", action="append", default=[], help="A 'not run' note for the table (repeatable)")
     args = parser.parse_args()
     command = ".venv/bin/python scripts/coverage_matrix.py " + shlex.join(sys.argv[1:])
@@ -252,13 +255,22 @@ def main() -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    targets = ["onnx_fp32", *[t for t in args.targets if t != "onnx_fp32"]]
+    # Built now (onnx_fp32 always: it is every row's reference); with --merge, the earlier run's
+    # cells of other targets stay as they were.
+    run_targets = ["onnx_fp32", *[t for t in args.targets if t != "onnx_fp32"]]
     results: dict[str, dict[str, dict]] = {}
     info: dict[str, dict] = {}
     if args.merge:
         earlier = json.loads(args.merge.read_text())
         results, info = earlier["results"], earlier["info"]
-        targets += [t for row in results.values() for t in row if t not in targets]
+        for row in results.values():  # pin each earlier cell to the fp32 figures of its own run
+            base = row.get("onnx_fp32") or {}
+            for target, c in row.items():
+                if target != "onnx_fp32" and "error" not in c:
+                    c.setdefault("ref_bytes", base.get("bytes"))
+                    c.setdefault("ref_p50_ms", base.get("p50_ms"))
+    shown = set(run_targets) | {t for row in results.values() for t in row}
+    targets = [t for t in CHAINS if t in shown]
     with tempfile.TemporaryDirectory(prefix="coverage-") as tmp:
         work = args.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -280,7 +292,7 @@ def main() -> int:
             cache: dict[tuple, str] = {}
             models: dict[str, tuple[Path, str]] = {}
             rows: dict[str, dict] = {}
-            for target in targets:
+            for target in run_targets:
                 log(f"  {target}")
                 try:
                     uri, fmt = build(target, entry, prepared["paths"], cache, log)
@@ -292,8 +304,8 @@ def main() -> int:
                     if os.environ.get("COVERAGE_TRACEBACK"):
                         traceback.print_exc()
             rows.update(measure(entry, prepared, models, args.timed_runs))
-            results[name] = {t: rows[t] for t in targets if t in rows}
-            for t in targets:
+            results[name] = {**results.get(name, {}), **{t: rows[t] for t in run_targets if t in rows}}
+            for t in run_targets:
                 log(f"  {t}: {cell(rows.get(t), rows.get('onnx_fp32'))}")
             if args.out:  # the table so far: a long run stopped midway still leaves its findings
                 args.out.write_text(render(results, info, targets, command, args.note))
