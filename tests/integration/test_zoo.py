@@ -180,3 +180,19 @@ def test_gru_tflite_int8_cell(trained, mlflow_server, tmp_path):
     assert run.returncode == 5, run.output[-3000:]
     error = [ln for ln in run.output.splitlines() if ln.startswith("modelopt: error:")][-1]
     assert "TensorListReserve" in error and "TFLiteConverter" in error, error
+
+
+def test_lstm_openvino_int8_keeps_the_lstm_in_floating_point(trained, mlflow_server, tmp_path):
+    """NNCF's int8 LSTMSequence carries quantization error from step to step: on this LSTM its top-1
+    agreement with the fp32 IR fell to 0.62 (docs/coverage.md before the fix). openvino_convert leaves
+    LSTM ops in floating point by default (``fp32_op_types``) and says so; the rest is still int8."""
+    pytest.importorskip("nncf")
+    t = trained["lstm"]
+    exported, ev, cal = _export(t, mlflow_server, tmp_path, "tests-zoo")
+    run = run_step("openvino_convert", {"model_uri": exported["artifacts"]["onnx_model"], "precision": "int8",
+                                        "calibration_data_uri": cal, "eval_data_uri": ev, "throughput_seconds": 0,
+                                        "context": {"experiment_name": "tests-zoo"}}, mlflow_server.env())
+    assert run.returncode == 0, run.output[-3000:]
+    assert run.result["info"]["quantization"]["fp32_op_types"] == ["LSTMSequence"]
+    assert run.result["metrics"]["fake_quantize_nodes"] >= 1  # the classifier head is still quantized
+    assert run.result["metrics"]["top1_agreement"] >= 0.97, run.result["metrics"]

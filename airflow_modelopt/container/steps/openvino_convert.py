@@ -73,9 +73,14 @@ def quantize(model: Any, spec: OpenVINOConvertSpec, calibration: dict[str, np.nd
     preset = nncf.QuantizationPreset.PERFORMANCE if spec.preset == "performance" else nncf.QuantizationPreset.MIXED
     common = {"preset": preset, "subset_size": spec.calibration_samples,
               "fast_bias_correction": spec.fast_bias_correction}
+    kept = sorted({op.get_type_name() for op in model.get_ops()} & set(spec.fp32_op_types))
+    if kept:
+        ctx.log.info("NNCF leaves %s in floating point (fp32_op_types)", kept)
+        common["ignored_scope"] = nncf.IgnoredScope(types=kept)
     if spec.max_accuracy_drop is None:
         ctx.log.info("NNCF post-training quantization on %d calibration samples", len(items))
-        return nncf.quantize(model, cal, **common), {"method": "nncf.quantize", "calibration_samples": len(items)}
+        return nncf.quantize(model, cal, **common), {"method": "nncf.quantize", "calibration_samples": len(items),
+                                                     "fp32_op_types": kept}
 
     assert evaluation is not None  # the spec requires eval_data_uri
     feeds, labels = evaluation
@@ -98,7 +103,7 @@ def quantize(model: Any, spec: OpenVINOConvertSpec, calibration: dict[str, np.nd
         **common,
     )
     return quantized, {"method": "nncf.quantize_with_accuracy_control", "max_drop": spec.max_accuracy_drop,
-                       "calibration_samples": len(items)}
+                       "calibration_samples": len(items), "fp32_op_types": kept}
 
 
 def op_counts(model: Any) -> dict[str, int]:
