@@ -12,7 +12,7 @@ class MNNConvertOperator(ModelOptOperator):
     ``precision="fp32"``; ``"fp16"`` stores fp16 weights; ``"int8_weights"`` stores int8 weights
     (computed in float: smaller download, same kernels); ``"int8"`` quantizes weights and feature
     maps with MNN's post-training quantization tool, calibrated on ``calibration_data_uri``
-    (``feature_quantize_method`` KL, ADMM or EMA).
+    (``feature_quantize_method`` ADMM by default, KL or EMA).
 
     The MNN model is checked against its source on the eval (else calibration) data and both are
     timed at batch 1 on ``threads`` threads. Result artifact: ``mnn_model`` (a folder: ``model.mnn``

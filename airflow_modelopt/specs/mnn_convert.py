@@ -37,7 +37,9 @@ class MNNConvertSpec(StepSpec):
     )
     calibration_samples: int = Field(200, ge=1, le=10000, description="int8: at most this many calibration samples")
     feature_quantize_method: Literal["KL", "ADMM", "EMA"] = Field(
-        "KL", description="int8: how feature-map ranges are calibrated (MNN's feature_quantize_method)"
+        "ADMM", description="int8: how feature-map ranges are calibrated (MNN's feature_quantize_method). ADMM by "
+        "default: MNN 3.6's KL crashed (SIGSEGV) on the zoo's MobileNet- and ResNet-style CNNs and kept a UNet at 0.75 "
+        "pixel agreement (ADMM: 0.99, 1.00, 0.98); EMA lost the ResNet (0.10)"
     )
     weight_quantize_method: Literal["MAX_ABS", "ADMM"] = Field(
         "MAX_ABS", description="int8: how weight scales are chosen (MNN's weight_quantize_method)"

@@ -196,3 +196,28 @@ def test_lstm_openvino_int8_keeps_the_lstm_in_floating_point(trained, mlflow_ser
     assert run.result["info"]["quantization"]["fp32_op_types"] == ["LSTMSequence"]
     assert run.result["metrics"]["fake_quantize_nodes"] >= 1  # the classifier head is still quantized
     assert run.result["metrics"]["top1_agreement"] >= 0.97, run.result["metrics"]
+
+
+def test_mnn_int8_on_a_residual_cnn_and_a_gru(trained, mlflow_server, tmp_path):
+    """MNN's full int8 with ADMM feature calibration (the default) on the ResNet-style model, where
+    MNN 3.6's KL calibration crashed (SIGSEGV); the GRU's int8 MNN model does not run at all, which the
+    step reports as a failed conversion naming the format (exit 5), not a traceback."""
+    pytest.importorskip("MNN")
+    t = trained["resnet"]
+    (tmp_path / "resnet").mkdir()
+    (tmp_path / "gru").mkdir()
+    exported, ev, cal = _export(t, mlflow_server, tmp_path / "resnet", "tests-zoo")
+    spec = {"model_uri": exported["artifacts"]["onnx_model"], "precision": "int8", "calibration_data_uri": cal,
+            "eval_data_uri": ev, "context": {"experiment_name": "tests-zoo"}}
+    run = run_step("mnn_convert", spec, mlflow_server.env())
+    assert run.returncode == 0, run.output[-3000:]
+    assert run.result["info"]["quantization"]["feature_quantize_method"] == "ADMM"
+    assert run.result["metrics"]["top1_agreement"] >= 0.97 and run.result["metrics"]["size_ratio"] < 0.35
+
+    g = trained["gru"]
+    exported, ev, cal = _export(g, mlflow_server, tmp_path / "gru", "tests-zoo")
+    run = run_step("mnn_convert", {**spec, "model_uri": exported["artifacts"]["onnx_model"], "calibration_data_uri": cal,
+                                   "eval_data_uri": ev}, mlflow_server.env())
+    assert run.returncode == 5, run.output[-3000:]
+    error = [ln for ln in run.output.splitlines() if ln.startswith("modelopt: error:")][-1]
+    assert "the mnn model does not run" in error, error

@@ -19,7 +19,7 @@ def parse(**fields):
 
 def test_defaults_and_registration():
     spec = parse()
-    assert (spec.precision, spec.calibration_samples, spec.feature_quantize_method) == ("fp32", 200, "KL")
+    assert (spec.precision, spec.calibration_samples, spec.feature_quantize_method) == ("fp32", 200, "ADMM")
     assert MNNConvertSpec.image_family == "openvino"
     assert MNNConvertSpec.input_fields == ("model_uri", "calibration_data_uri", "eval_data_uri")
 

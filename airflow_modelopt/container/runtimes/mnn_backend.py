@@ -68,6 +68,9 @@ class MNNRuntime(Runtime):
                 raise ValueError(f"MNN input {spec.name!r}: {a.dtype} is not fed by this runtime (float32, int32)")
             args.append(F.const(a, list(a.shape), F.NCHW, dtype))
         outs = self.module.forward(args)
+        if len(outs) != len(self.outputs):  # MNN prints its error code and returns nothing
+            raise RuntimeError(f"MNN's forward returned {len(outs)} of the model's {len(self.outputs)} output(s): "
+                               "the model failed to run (MNN's own error code is in the log above)")
         results = []
         for out in outs:
             if out.data_format == F.NC4HW4:

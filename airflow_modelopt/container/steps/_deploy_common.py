@@ -18,7 +18,7 @@ import numpy as np
 from airflow_modelopt.container.data import LABEL_KEY, as_model_dtype, load_npz, match_inputs
 from airflow_modelopt.container.measure import agreement, latency_stats, time_models
 from airflow_modelopt.container.signature import ModelSignature
-from airflow_modelopt.exceptions import InputError
+from airflow_modelopt.exceptions import ConversionFailed, InputError, ModelOptError
 
 #: Timed runs of each model (source and converted) at batch 1 in the step's own check.
 CHECK_RUNS = 60
@@ -85,7 +85,16 @@ def check_against_source(source: Source, converted: Path, fmt: str, feeds: dict[
     outputs = {}
     for name in ("source", "converted"):
         with open_model(name) as runtime:
-            outputs[name] = runtime.run(feeds, batch_size=64)
+            try:
+                outputs[name] = runtime.run(feeds, batch_size=64)
+            except ModelOptError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a converted model that does not run is a failed conversion
+                if name == "source":
+                    raise
+                text = str(exc).strip().splitlines()[0][:500] if str(exc).strip() else type(exc).__name__
+                raise ConversionFailed(f"converted model: the {fmt} model does not run on the check data: "
+                                       f"{type(exc).__name__}: {text}") from None
     metrics = agreement(outputs["source"], outputs["converted"], labels)
     one = {k: v[:1] for k, v in feeds.items()}
     times = time_models(open_model, ["source", "converted"], one, CHECK_WARMUP, timed_runs)
