@@ -198,7 +198,7 @@ def test_lstm_openvino_int8_keeps_the_lstm_in_floating_point(trained, mlflow_ser
     assert run.result["metrics"]["top1_agreement"] >= 0.97, run.result["metrics"]
 
 
-def test_mnn_int8_on_a_residual_cnn_and_a_gru(trained, mlflow_server, tmp_path):
+def test_mnn_on_a_residual_cnn_a_gru_and_token_ids(trained, mlflow_server, tmp_path):
     """MNN's full int8 with ADMM feature calibration (the default) on the ResNet-style model, where
     MNN 3.6's KL calibration crashed (SIGSEGV); the GRU's int8 MNN model does not run at all, which the
     step reports as a failed conversion naming the format (exit 5), not a traceback."""
@@ -221,3 +221,13 @@ def test_mnn_int8_on_a_residual_cnn_and_a_gru(trained, mlflow_server, tmp_path):
     assert run.returncode == 5, run.output[-3000:]
     error = [ln for ln in run.output.splitlines() if ln.startswith("modelopt: error:")][-1]
     assert "the mnn model does not run" in error, error
+
+    # Token ids are int64 in PyTorch and ONNX; MNN's converter stores the input as int32 and the
+    # runtimes layer feeds it so (it refused int64 before).
+    b = trained["bert_tiny"]
+    (tmp_path / "bert").mkdir()
+    exported, ev, cal = _export(b, mlflow_server, tmp_path / "bert", "tests-zoo")
+    run = run_step("mnn_convert", {"model_uri": exported["artifacts"]["onnx_model"], "eval_data_uri": ev,
+                                   "context": {"experiment_name": "tests-zoo"}}, mlflow_server.env())
+    assert run.returncode == 0, run.output[-3000:]
+    assert run.result["metrics"]["top1_agreement"] >= 0.99, run.result["metrics"]

@@ -63,6 +63,8 @@ class MNNRuntime(Runtime):
         args = []
         for spec in self.inputs:
             a = np.ascontiguousarray(feeds[spec.name])
+            if a.dtype == np.int64 and (a.size == 0 or (a.min() >= -2**31 and a.max() < 2**31)):
+                a = a.astype(np.int32)  # MNN's converter stores int64 inputs (token ids) as int32
             dtype = F.float if a.dtype == np.float32 else F.int if a.dtype == np.int32 else None
             if dtype is None:
                 raise ValueError(f"MNN input {spec.name!r}: {a.dtype} is not fed by this runtime (float32, int32)")
