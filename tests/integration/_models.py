@@ -265,3 +265,34 @@ def artifact_json(tracking_uri: str, run_id: str, path: str) -> dict[str, Any]:
 
 
 __all__ = ["Candidates", "artifact_json", "build_candidates", "candidates", "read_artifact_text", "step_env"]
+
+
+def train_residual_digits(widths: tuple[int, int, int], epochs: int) -> tuple[Any, np.ndarray, np.ndarray, dict]:
+    """A small ResNet (``scripts/_bench_common.residual_cnn``) trained with Adam on scikit-learn's
+    digits rendered as tinted 3x32x32 images (seeded). Returns (model in eval mode, x, y, index
+    splits ``eval`` 400 / ``calibration`` 200 / ``train`` the rest)."""
+    import sys
+
+    import torch
+    from sklearn.datasets import load_digits
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+    from _bench_common import residual_cnn, to_rgb
+
+    digits = load_digits()
+    x = to_rgb((digits.images / 16.0).astype(np.float32)[:, None], 32)
+    y = digits.target.astype(np.int64)
+    order = np.random.default_rng(0).permutation(len(x))
+    ev, cal, tr = order[:400], order[400:600], order[600:]
+    torch.manual_seed(0)
+    model = residual_cnn(widths=widths)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    xt, yt = torch.from_numpy(x[tr]), torch.from_numpy(y[tr])
+    for _ in range(epochs):
+        model.train()
+        for idx in torch.randperm(len(tr)).split(64):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
+            opt.step()
+    model.eval()
+    return model, x, y, {"eval": ev, "calibration": cal, "train": tr}

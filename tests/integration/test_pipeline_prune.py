@@ -12,7 +12,6 @@ shortcuts, BatchNorm) on 3x32x32 digit images.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -48,27 +47,12 @@ def digits_cnn(mlflow_server, example_model, tmp_path: Path) -> dict[str, str]:
 def residual_cnn(mlflow_server, example_model, tmp_path: Path) -> dict[str, str]:
     """A small ResNet (scripts/_bench_common.py) trained on 3x32x32 digits; .pt2 and .npz files."""
     import torch
-    from sklearn.datasets import load_digits
 
-    sys.path.insert(0, str(REPO / "scripts"))
-    from _bench_common import export_pt2, residual_cnn, save_npz, to_rgb
+    from tests.integration._models import train_residual_digits
 
-    digits = load_digits()
-    x = to_rgb((digits.images / 16.0).astype(np.float32)[:, None], 32)
-    y = digits.target.astype(np.int64)
-    order = np.random.default_rng(0).permutation(len(x))
-    ev, cal, tr = order[:400], order[400:600], order[600:]
-    torch.manual_seed(0)
-    model = residual_cnn(widths=(16, 32, 64))
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    xt, yt = torch.from_numpy(x[tr]), torch.from_numpy(y[tr])
-    for _ in range(6):
-        model.train()
-        for idx in torch.randperm(len(tr)).split(64):
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
-            opt.step()
-    model.eval()
+    model, x, y, split = train_residual_digits((16, 32, 64), epochs=6)
+    from _bench_common import export_pt2, save_npz  # scripts/ is on sys.path now
+    ev, cal = split["eval"], split["calibration"]
     with torch.no_grad():
         acc = float((model(torch.from_numpy(x[ev])).argmax(1).numpy() == y[ev]).mean())
     assert acc > 0.9, f"the residual CNN trained to only {acc:.3f}"

@@ -122,27 +122,11 @@ def test_static_int8_of_a_residual_cnn_whose_blocks_call_one_relu_twice(mlflow_s
     """ResNet's BasicBlock applies one ``self.relu`` twice; X86InductorQuantizer refused such a model
     ("Input partition has more than one output node"). Each call is now quantized as its own pattern:
     every convolution and the classifier become int8 within one point of fp32."""
-    import torch
-    from sklearn.datasets import load_digits
+    from tests.integration._models import train_residual_digits
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-    from _bench_common import export_pt2, residual_cnn, save_npz, to_rgb
-
-    digits = load_digits()
-    x = to_rgb((digits.images / 16.0).astype(np.float32)[:, None], 32)
-    y = digits.target.astype(np.int64)
-    order = np.random.default_rng(0).permutation(len(x))
-    ev, cal, tr = order[:400], order[400:600], order[600:]
-    torch.manual_seed(0)
-    model = residual_cnn(widths=(8, 16, 32))
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    xt, yt = torch.from_numpy(x[tr]), torch.from_numpy(y[tr])
-    for _ in range(4):
-        model.train()
-        for idx in torch.randperm(len(tr)).split(64):
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
-            opt.step()
+    model, x, y, split = train_residual_digits((8, 16, 32), epochs=4)
+    from _bench_common import export_pt2, save_npz  # scripts/ is on sys.path now
+    ev, cal = split["eval"], split["calibration"]
     pt2 = export_pt2(model, x[ev], tmp_path / "resnet" / "model.pt2")
     run = quantize(mlflow_server, model_uri=str(pt2), calibration_data_uri=str(save_npz(tmp_path / "cal.npz", x[cal])),
                    eval_data_uri=str(save_npz(tmp_path / "eval.npz", x[ev], y[ev])), export_onnx=False)
