@@ -194,6 +194,8 @@ def _reuse(client: Any, spec: StepSpec, experiment_id: str, parent: str | None, 
     local = mlflow.artifacts.download_artifacts(run_id=hit.info.run_id, artifact_path=tracking.RESULT_ARTIFACT)
     original = StepResult.model_validate(json.loads(Path(local).read_text()))
     tags = _tags(spec, key, parent) | {tracking.TAG_CACHE_HIT: "true", tracking.TAG_CACHED_FROM: hit.info.run_id}
+    if original.verdict is not None:  # the judgement reused, visible on this DAG run's own run too
+        tags[tracking.TAG_VERDICT] = "passed" if original.verdict.passed else "failed"
     run = client.create_run(experiment_id, run_name=f"{spec.context.task_id or spec.step} (cached)", tags=tags)
     log.info("Cache hit: reusing MLflow run %s (cache key %s); pass force=True to rebuild", hit.info.run_id, key)
     result = original.model_copy(update={

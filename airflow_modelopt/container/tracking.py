@@ -52,6 +52,7 @@ TAG_STATUS = "modelopt.status"
 TAG_CACHE_HIT = "modelopt.cache_hit"
 TAG_CACHED_FROM = "modelopt.cached_from_run_id"
 TAG_ERROR = "modelopt.error"
+TAG_VERDICT = "modelopt.verdict"  # passed / failed, on runs of steps that judge (validate)
 PARENT_TAG = "mlflow.parentRunId"
 
 RESULT_ARTIFACT = "modelopt/result.json"

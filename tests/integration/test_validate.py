@@ -184,3 +184,15 @@ def test_nan_data_npy_renamed_npz_and_a_broken_reference_are_bad_input(candidate
     assert run.returncode == 2, run.output[-2000:]
     assert re.search(r"reference_uri: the reference model's output 'output' has \d+ NaN/inf values on finite "
                      r"evaluation data: the reference itself is broken", run.output), run.output[-2000:]
+
+
+def test_a_cached_validation_carries_its_verdict_on_the_new_run(candidates, step_env, mlflow_server):
+    """A DAG run whose validate task reuses another run's result gets its own small MLflow run; the
+    verdict (what people and the load test's truthfulness check read per DAG run) is on it too."""
+    spec = _spec(candidates, "pt2", "onnx_fp32")
+    spec["context"] = {"experiment_name": EXPERIMENT}  # no force: the second call is a cache hit
+    first = _validate(spec)
+    second = _validate(spec)
+    assert second.cache_hit and second.cached_from_run_id in (first.mlflow_run_id, first.cached_from_run_id)
+    tags = mlflow_server.client().get_run(second.mlflow_run_id).data.tags
+    assert tags["modelopt.cache_hit"] == "true" and tags["modelopt.verdict"] == "passed"

@@ -37,12 +37,12 @@ from airflow_modelopt.container.measure import (
     is_classifier,
     output_metrics,
 )
+from airflow_modelopt.container.tracking import TAG_VERDICT
 from airflow_modelopt.exceptions import GateFailed, InputError
 from airflow_modelopt.specs import Verdict
 from airflow_modelopt.specs.validate import DEFAULT_MIN_COSINE, DEFAULT_MIN_TOP1_AGREEMENT, ValidateEquivalenceSpec
 
 REPORT_DIR = "validation"
-TAG_VERDICT = "modelopt.verdict"
 
 
 # -- measurements -----------------------------------------------------------------------------
