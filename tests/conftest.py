@@ -121,6 +121,13 @@ class StepRun:
     output: str
     result: dict[str, Any] | None
 
+    @property
+    def error(self) -> str:
+        """The entry point's last ``modelopt: error:`` line (the one-line reason a failed step gives)."""
+        errors = [line for line in self.output.splitlines() if line.startswith("modelopt: error:")]
+        assert errors, f"no 'modelopt: error:' line in the step's output: {self.output[-2000:]}"
+        return errors[-1]
+
 
 def run_step(step: str, spec: dict[str, Any], env: dict[str, str], timeout: float = 900) -> StepRun:
     """The container entry point in a subprocess (local mode without Airflow)."""

@@ -64,7 +64,7 @@ def test_a_crafted_pt2_is_refused_before_its_code_runs_and_runs_only_with_the_op
 
     run = run_step("validate", _validate_spec(crafted, candidates), mlflow_server.env())
     assert run.returncode == 2, run.output[-3000:]
-    error = [line for line in run.output.splitlines() if line.startswith("modelopt: error:")][-1]
+    error = run.error
     assert f"reference_uri: {crafted} holds a pickled object that is not a plain tensor" in error
     assert "trust_model_code" in error
     assert not marker.exists(), "the payload ran although the step refused the file"

@@ -66,7 +66,7 @@ def test_perturbed_weights_fail_the_gate_through_the_entry_point_with_the_report
     spec = _spec(candidates, "pt2", "onnx_broken", candidate_name="perturbed weights")
     run = run_step("validate", spec, mlflow_server.env())
     assert run.returncode == 3, run.output[-3000:]
-    error = [line for line in run.output.splitlines() if line.startswith("modelopt: error:")][-1]
+    error = run.error
     assert re.search(r"gate max_accuracy_drop: accuracy dropped by 0\.\d{4} \(reference 0\.9\d+, candidate 0\.\d+\), "
                      r"above the threshold 0\.02", error), error
     run_id = re.search(r"\(report: runs:/(\w+)/validation/report\.md\)", error).group(1)
