@@ -2,8 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
+from airflow_modelopt import config
 from airflow_modelopt.operators.base import ModelOptOperator
-from airflow_modelopt.specs.tflite_quantize import TFLiteQuantizeSpec
+from airflow_modelopt.specs.tflite_quantize import LITERT_PYTHON_ENV, TFLiteQuantizeSpec
+
+#: ``[modelopt] litert_python``: the Python with litert-torch that local-mode steps hand PyTorch sources to.
+LITERT_PYTHON_OPTION = "litert_python"
+
+
+def configured_litert_python() -> str:
+    """``[modelopt] litert_python`` (airflow.cfg or ``AIRFLOW__MODELOPT__LITERT_PYTHON``), else ""."""
+    from airflow.configuration import conf
+
+    return str(conf.get(config.SECTION, LITERT_PYTHON_OPTION, fallback="") or "").strip()
 
 
 class TFLiteQuantizeOperator(ModelOptOperator):
@@ -43,9 +57,32 @@ class TFLiteQuantizeOperator(ModelOptOperator):
     ``allow_select_tf_ops``), ``custom_op_count``, ``conversion_time_s``, and, when calibration
     data is given, ``max_abs_error`` and ``top1_agreement`` against the source model on
     ``check_samples`` samples.
+
+    ``fallback_model_uri`` (the pipeline's ``tflite_*`` builds: ``model_uri`` is the pipeline's
+    PyTorch model, the fallback its ONNX export): when ``model_uri``'s converter is not installed or
+    fails on the model, the same task converts the fallback instead. Tags
+    ``modelopt.tflite.converter`` ("litert-torch 0.10.1", "onnx2tf 1.28.0", ...) and
+    ``modelopt.tflite.path`` name what made the model, ``modelopt.tflite.fallback_reason`` why the
+    first converter failed; params ``tflite_converter``, ``tflite_converter_version`` and
+    ``tflite_source`` (model_uri or fallback_model_uri) say the same, and so does ``info``.
+
+    Local mode: when the step's Python has no litert-torch, a PyTorch source is converted in the
+    Python ``litert_python`` names (default ``[modelopt] litert_python``, e.g. the venv
+    ``scripts/make-litert-venv.sh`` makes), passed to the step as ``MODELOPT_LITERT_PYTHON``;
+    with neither, the fallback is converted and the run says why.
     """
 
     spec_class = TFLiteQuantizeSpec
+
+    def __init__(self, *, litert_python: str | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.litert_python = litert_python
+
+    def launch_request(self, spec: Any, tracking: Any) -> Any:
+        python = self.litert_python or configured_litert_python()
+        if python and config.resolve_execution_mode(self.execution_mode) == "local":
+            tracking = dataclasses.replace(tracking, public_env={**tracking.public_env, LITERT_PYTHON_ENV: python})
+        return super().launch_request(spec, tracking)
 
 
 __all__ = ["TFLiteQuantizeOperator"]

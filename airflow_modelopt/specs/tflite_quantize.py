@@ -11,13 +11,16 @@ from airflow_modelopt.specs.base import ArtifactUri, StepSpec
 TFLiteMode = Literal["fp32", "fp16", "dynamic_int8", "int8"]
 TFLiteSourceFormat = Literal["auto", "pytorch", "onnx", "tensorflow"]
 TFLiteIOType = Literal["int8", "uint8", "float32"]
+#: Environment variable naming a Python with litert-torch, for a step running in one without it
+#: (local mode: the operator sets it from ``litert_python`` / ``[modelopt] litert_python``).
+LITERT_PYTHON_ENV = "MODELOPT_LITERT_PYTHON"
 
 
 class TFLiteQuantizeSpec(StepSpec):
     """Convert a PyTorch, ONNX or TensorFlow/Keras model to TFLite, optionally quantized."""
 
     image_family: ClassVar[str] = "tensorflow"
-    input_fields: ClassVar[tuple[str, ...]] = ("model_uri", "calibration_data_uri")
+    input_fields: ClassVar[tuple[str, ...]] = ("model_uri", "fallback_model_uri", "calibration_data_uri")
 
     step: Literal["tflite_quantize"] = "tflite_quantize"
     model_uri: ArtifactUri = Field(
@@ -25,6 +28,15 @@ class TFLiteQuantizeSpec(StepSpec):
         "(converted with litert-torch); an ONNX model (.onnx file, a folder with model.onnx and its "
         "external data, or an MLflow onnx model; converted with onnx2tf); or a TensorFlow SavedModel "
         "folder, Keras file (.keras/.h5) or MLflow tensorflow model (converted with TFLiteConverter)"
+    )
+    fallback_model_uri: ArtifactUri | None = Field(
+        None,
+        description="A second source of the same model (the pipeline gives its ONNX export), converted "
+        "when model_uri cannot be: its converter is not installed, or it fails on the model (an op "
+        "without a lowering, an unsupported model kind). Auto-detected like model_uri; source_format "
+        "applies to model_uri only. The converter that made the model, its version and why the "
+        "first one failed are recorded on the run (tags modelopt.tflite.converter and "
+        "modelopt.tflite.fallback_reason)",
     )
     mode: TFLiteMode = Field(
         description="fp32 (no quantization), fp16 (float16 weights), dynamic_int8 (int8 weights, "
@@ -56,7 +68,8 @@ class TFLiteQuantizeSpec(StepSpec):
         False,
         description="TensorFlow and ONNX paths: let ops without a TFLite builtin run as Flex "
         "(SELECT_TF_OPS) ops, which need the Flex delegate at run time. Off: such an op fails the "
-        "conversion, naming the op",
+        "conversion, naming the op. With a PyTorch model_uri and a fallback_model_uri it applies to "
+        "the fallback only (litert-torch lowers to builtins)",
     )
     keep_nchw: bool = Field(
         False,
@@ -90,12 +103,15 @@ class TFLiteQuantizeSpec(StepSpec):
                 f"io_type={self.io_type!r} applies to mode='int8' only; mode={self.mode!r} keeps float32 "
                 "inputs and outputs"
             )
-        if self.keep_nchw and self.source_format in ("pytorch", "tensorflow"):
+        if self.keep_nchw and self.source_format in ("pytorch", "tensorflow") and not self.fallback_model_uri:
             raise ValueError(
                 f"keep_nchw applies to ONNX sources only, but source_format={self.source_format!r} "
                 "(litert-torch keeps NCHW by itself; TensorFlow models keep their own layout)"
             )
-        if self.allow_select_tf_ops and self.source_format == "pytorch":
+        if self.fallback_model_uri and self.fallback_model_uri == self.model_uri:
+            raise ValueError("fallback_model_uri is model_uri itself; give a second source (e.g. the ONNX export) "
+                             "or leave it unset")
+        if self.allow_select_tf_ops and self.source_format == "pytorch" and not self.fallback_model_uri:
             raise ValueError(
                 "allow_select_tf_ops applies to the TensorFlow and ONNX paths only; litert-torch "
                 "(source_format='pytorch') never emits Flex ops"
