@@ -123,7 +123,7 @@ def optimization_pipeline(
         if t not in TARGET_CHAINS:
             raise ValueError(f"available_targets: unknown target {t!r}; choose from {', '.join(TARGETS)}")
     # Pruning fine-tunes on the training data when given, else on the calibration split.
-    fills = {"{eval}": eval_data_uri, "{calibration}": calibration_data_uri,
+    fills = {"{model}": model_uri, "{eval}": eval_data_uri, "{calibration}": calibration_data_uri,
              "{train}": train_data_uri or calibration_data_uri}
     common: dict[str, Any] = {"force": force}
     if execution_mode is not None:

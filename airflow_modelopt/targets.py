@@ -23,8 +23,8 @@ TARGET_DESCRIPTIONS: dict[str, str] = {
     "onnx_fp32": "ONNX fp32 export (ONNX Runtime)",
     "onnx_int8_dynamic": "ONNX int8, dynamic quantization (no calibration data)",
     "onnx_int8_static": "ONNX int8, static QDQ quantization (calibration data)",
-    "tflite_fp16": "TFLite fp16 (from the ONNX export)",
-    "tflite_int8": "TFLite full int8 (calibration data)",
+    "tflite_fp16": "TFLite fp16 (litert-torch, else onnx2tf from the ONNX export)",
+    "tflite_int8": "TFLite full int8 (litert-torch, else onnx2tf; calibration data)",
     "pruned_onnx_int8": "50% channel-pruned, fine-tuned, then ONNX static int8",
     "tensorrt_fp16": "TensorRT engine fp16 (needs an NVIDIA GPU)",
     "tensorrt_int8": "TensorRT engine int8 (NVIDIA GPU, calibration data)",
@@ -55,11 +55,14 @@ def builds() -> dict[str, Build]:
         Build("onnx_int8_dynamic", "OnnxQuantizeOperator", {"mode": "dynamic"}, "export_onnx", "onnx_model"),
         Build("onnx_int8_static", "OnnxQuantizeOperator",
               {"mode": "static", "calibration_data_uri": "{calibration}"}, "export_onnx", "onnx_model"),
-        # TFLite from the ONNX export (onnx2tf, NHWC, recorded in the signature): it runs in the main
-        # environment; the litert-torch path (PyTorch -> TFLite, NCHW kept) needs its own environment.
-        Build("tflite_fp16", "TFLiteQuantizeOperator", {"mode": "fp16"}, "export_onnx", "onnx_model"),
-        Build("tflite_int8", "TFLiteQuantizeOperator", {"mode": "int8", "calibration_data_uri": "{calibration}"},
-              "export_onnx", "onnx_model"),
+        # TFLite from the pipeline's PyTorch model with litert-torch (NCHW kept, batch fixed), falling back
+        # in the same task to the ONNX export with onnx2tf (NHWC): both recorded in the signature, the
+        # converter that made it on the run. Local mode finds litert-torch through [modelopt] litert_python.
+        Build("tflite_fp16", "TFLiteQuantizeOperator", {"mode": "fp16", "model_uri": "{model}"},
+              "export_onnx", "onnx_model", model_field="fallback_model_uri"),
+        Build("tflite_int8", "TFLiteQuantizeOperator",
+              {"mode": "int8", "calibration_data_uri": "{calibration}", "model_uri": "{model}"},
+              "export_onnx", "onnx_model", model_field="fallback_model_uri"),
         # 40 epochs of batch 32 at lr 3e-3, distilling on mixup + noise batches with BatchNorm statistics
         # re-estimated (the step's defaults): a 50% channel prune recovers without labels on a 200-sample
         # calibration split (residual CNN: drop 0.007 in-process, vs 0.050 with 20 epochs of plain KD).
