@@ -22,7 +22,7 @@ def parse(**fields):
 def test_registered_for_the_tensorflow_image_with_its_inputs():
     assert StepSpec.registry["tflite_quantize"] is TFLiteQuantizeSpec
     assert TFLiteQuantizeSpec.image_family == "tensorflow"
-    assert TFLiteQuantizeSpec.input_fields == ("model_uri", "calibration_data_uri")
+    assert TFLiteQuantizeSpec.input_fields == ("model_uri", "fallback_model_uri", "calibration_data_uri")
     spec = parse(mode="fp16")
     assert (spec.source_format, spec.io_type, spec.per_channel, spec.allow_select_tf_ops, spec.keep_nchw,
             spec.batch_size) == ("auto", None, True, False, False, None)
@@ -224,3 +224,149 @@ def test_options_that_do_not_apply_to_the_detected_source_are_refused(tmp_path):
     keras = detect_source(tmp_path / "k.keras", parse(mode="fp32"))
     with pytest.raises(InputError, match=r"keep_nchw applies to ONNX sources only; model_uri holds a TensorFlow"):
         make_path(keras, parse(mode="fp32", keep_nchw=True), tmp_path)
+
+
+# -- fallback_model_uri: the pipeline's PyTorch model first, its ONNX export when that fails ------------
+
+ONNX = "runs:/def/onnx_model"
+
+
+def test_fallback_model_uri_is_an_input_and_must_be_another_source():
+    spec = parse(mode="fp16", fallback_model_uri=ONNX)
+    assert spec.fallback_model_uri == ONNX and parse(mode="fp16").fallback_model_uri is None
+    with pytest.raises(SpecError, match=r"fallback_model_uri is model_uri itself"):
+        parse(mode="fp16", fallback_model_uri=BASE["model_uri"])
+    # Options of the ONNX path are the fallback's when the first source is PyTorch; without one they are refused.
+    assert parse(mode="fp32", source_format="pytorch", fallback_model_uri=ONNX, keep_nchw=True,
+                 allow_select_tf_ops=True).allow_select_tf_ops
+    with pytest.raises(SpecError, match=r"allow_select_tf_ops applies to the TensorFlow and ONNX paths only"):
+        parse(mode="fp32", source_format="pytorch", allow_select_tf_ops=True)
+
+
+def test_pipeline_tflite_builds_try_the_pytorch_model_then_the_onnx_export():
+    from airflow_modelopt.targets import TARGET_CHAINS, builds
+
+    for target, mode in (("tflite_fp16", "fp16"), ("tflite_int8", "int8")):
+        build = builds()[target]
+        assert TARGET_CHAINS[target][0] == ("export_onnx", target)  # the export still runs first
+        assert (build.operator, build.source, build.source_artifact, build.model_field) == (
+            "TFLiteQuantizeOperator", "export_onnx", "onnx_model", "fallback_model_uri")
+        assert build.kwargs["model_uri"] == "{model}" and build.kwargs["mode"] == mode
+        fields = {k: v.replace("{model}", "models:/m-1").replace("{calibration}", CALIBRATION)
+                  for k, v in build.kwargs.items()}
+        spec = parse(**fields, fallback_model_uri=ONNX)
+        assert (spec.model_uri, spec.fallback_model_uri) == ("models:/m-1", ONNX)
+
+
+def test_pipeline_passes_its_model_and_the_onnx_export_to_the_tflite_task():
+    from airflow.sdk import DAG
+
+    from airflow_modelopt.pipelines import optimization_pipeline
+
+    with DAG("tflite_wiring", schedule=None) as dag:
+        optimization_pipeline(model_uri="models:/digits/1", calibration_data_uri=CALIBRATION,
+                                      eval_data_uri="runs:/abc/data/eval.npz", targets=["tflite_int8"],
+                                      registered_model_name="digits", available_targets=("tflite_int8",))
+    task = dag.get_task("optimize.tflite_int8")
+    assert task.model_uri == "models:/digits/1"
+    assert "optimize.export_onnx" in task.fallback_model_uri and "onnx_model" in task.fallback_model_uri
+    assert "optimize.export_onnx" in task.upstream_task_ids
+
+
+@pytest.mark.parametrize(("mode", "configured", "expected"), [
+    ("local", "/opt/litert/bin/python", "/opt/litert/bin/python"),
+    ("local", "", None),
+    ("docker", "/opt/litert/bin/python", None),  # the tensorflow image has litert-torch itself
+])
+def test_local_mode_hands_the_configured_litert_python_to_the_step(monkeypatch, mode, configured, expected):
+    from airflow_modelopt.hooks.mlflow import TrackingConfig
+    from airflow_modelopt.operators import TFLiteQuantizeOperator
+    from airflow_modelopt.specs.tflite_quantize import LITERT_PYTHON_ENV
+
+    monkeypatch.setenv("AIRFLOW__MODELOPT__LITERT_PYTHON", configured)
+    op = TFLiteQuantizeOperator(task_id="t", model_uri=BASE["model_uri"], mode="fp16", execution_mode=mode)
+    request = op.launch_request(op.build_spec(None, mode=mode), TrackingConfig("http://mlflow:5000", {"A": "1"}))
+    assert request.tracking.public_env.get(LITERT_PYTHON_ENV) == expected
+    assert request.tracking.public_env["A"] == "1"
+    given = TFLiteQuantizeOperator(task_id="u", model_uri=BASE["model_uri"], mode="fp16", execution_mode="local",
+                                   litert_python="/venv/bin/python")
+    request = given.launch_request(given.build_spec(None, mode="local"), TrackingConfig("http://m", {}))
+    assert request.tracking.public_env[LITERT_PYTHON_ENV] == "/venv/bin/python"
+
+
+def _fake_sources(tmp_path):
+    (tmp_path / "model.pt2").write_bytes(b"pt2")
+    (tmp_path / "model.onnx").write_bytes(b"onnx")
+    return {"model_uri": tmp_path / "model.pt2", "fallback_model_uri": tmp_path / "model.onnx",
+            "calibration_data_uri": tmp_path / "cal.npz"}
+
+
+def test_fallback_runs_when_the_first_converter_fails_and_says_why(tmp_path, monkeypatch):
+    import logging
+
+    from airflow_modelopt.container.steps.tflite_quantize import attempts
+    from airflow_modelopt.exceptions import ConversionFailed
+
+    tried = []
+
+    def convert_source(spec, model_path, calibration_path, workdir, log):
+        tried.append((model_path.suffix, spec.model_uri, spec.allow_select_tf_ops))
+        if model_path.suffix == ".pt2":
+            raise attempts.ConverterUnavailable("litert-torch is not installed in this Python")
+        return attempts.Built(workdir, {}, {"conversion_path": "onnx2tf"})
+
+    monkeypatch.setattr(attempts, "convert_source", convert_source)
+    failures = []
+    spec = parse(mode="fp16", fallback_model_uri=ONNX, allow_select_tf_ops=True)
+    built = attempts.convert_with_fallback(spec, _fake_sources(tmp_path), tmp_path, logging.getLogger("t"),
+                                           on_failure=lambda path, why: failures.append((path, why)))
+    # the PyTorch source without the ONNX-path option, then the ONNX export with it
+    assert tried == [(".pt2", BASE["model_uri"], False), (".onnx", ONNX, True)]
+    assert built.info["converted_from"] == "fallback_model_uri"
+    assert built.info["fallback_reason"] == "litert_torch: litert-torch is not installed in this Python"
+    assert failures == [("litert_torch", "litert-torch is not installed in this Python")]
+
+    def both_fail(spec, model_path, calibration_path, workdir, log):
+        raise ConversionFailed(f"cannot convert {model_path.suffix}")
+
+    monkeypatch.setattr(attempts, "convert_source", both_fail)
+    with pytest.raises(ConversionFailed, match=r"fallback_model_uri: cannot convert .onnx \(after litert_torch failed "
+                                                r"on model_uri: cannot convert .pt2\)"):
+        attempts.convert_with_fallback(spec, _fake_sources(tmp_path), tmp_path, logging.getLogger("t"))
+
+
+def test_bad_calibration_data_fails_at_once_without_the_fallback(tmp_path, monkeypatch):
+    import logging
+
+    from airflow_modelopt.container.steps.tflite_quantize import attempts
+
+    tried = []
+
+    def convert_source(spec, model_path, calibration_path, workdir, log):
+        tried.append(model_path.suffix)
+        raise InputError("calibration_data_uri: array for model input 'x' has shape [3, 4]")
+
+    monkeypatch.setattr(attempts, "convert_source", convert_source)
+    with pytest.raises(InputError, match=r"^calibration_data_uri: array for model input 'x'"):
+        attempts.convert_with_fallback(parse(mode="fp16", fallback_model_uri=ONNX), _fake_sources(tmp_path), tmp_path,
+                                       logging.getLogger("t"))
+    assert tried == [".pt2"]
+
+
+def test_pytorch_source_without_litert_torch_or_a_litert_python_is_unavailable(tmp_path, monkeypatch):
+    import importlib.util
+    import logging
+
+    from airflow_modelopt.container.steps.tflite_quantize import attempts
+    from airflow_modelopt.specs.tflite_quantize import LITERT_PYTHON_ENV
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "litert_torch" else real(name, *a))
+    paths = _fake_sources(tmp_path)
+    monkeypatch.delenv(LITERT_PYTHON_ENV, raising=False)
+    with pytest.raises(attempts.ConverterUnavailable, match=r"litert-torch is not installed in this Python .* "
+                                                            r"\[modelopt\] litert_python"):
+        attempts.convert_source(parse(mode="fp16"), paths["model_uri"], None, tmp_path / "w", logging.getLogger("t"))
+    monkeypatch.setenv(LITERT_PYTHON_ENV, str(tmp_path / "no" / "python"))
+    with pytest.raises(attempts.ConverterUnavailable, match=r"MODELOPT_LITERT_PYTHON=.*/no/python does not exist"):
+        attempts.convert_source(parse(mode="fp16"), paths["model_uri"], None, tmp_path / "w", logging.getLogger("t"))
