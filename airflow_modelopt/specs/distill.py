@@ -5,12 +5,14 @@ from __future__ import annotations
 import re
 from typing import ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from airflow_modelopt.specs.base import ArtifactUri, StepSpec
 
 #: ``package.module:name``: a module path importable in the step's image, and an attribute of it.
 STUDENT_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
+#: A module path of the teacher (and of a user student): names separated by dots, as ``named_modules`` gives them.
+LAYER_PATTERN = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
 #: model_uri endings of TorchScript and torch.save pickles: no graph to narrow or to run as a teacher here.
 TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts", ".torchscript", ".jit")
 DEFAULT_WIDTH = 0.5
@@ -28,7 +30,13 @@ class DistillSpec(StepSpec):
     teacher's surviving weights). Loss: ``alpha * T^2 * KL(teacher/T || student/T) + (1 - alpha) *
     cross-entropy`` on the labels of ``train_data_uri`` (the KL term alone when it has none). Adam
     with a cosine learning-rate schedule; early stop on the accuracy on ``eval_data_uri``.
-    Intermediate-feature matching is not implemented (logits only).
+
+    Optional intermediate-feature matching (FitNets-style hints, off by default): with
+    ``feature_layers`` (module paths of the original model, or ``"auto"``) and ``feature_weight``
+    > 0, the loss adds ``feature_weight`` x the mean over layers of MSE(student feature, teacher
+    feature) / mean(teacher feature^2). A student feature with fewer channels than the teacher's
+    (the narrowed teacher) goes through a learned 1x1 projection, trained with the student and
+    discarded after; other shape differences are refused for named layers and skipped for "auto".
     """
 
     image_family: ClassVar[str] = "torch"
@@ -95,6 +103,20 @@ class DistillSpec(StepSpec):
         description="Stop after this many epochs without a better eval accuracy and keep the best epoch's weights "
         "(needs eval_data_uri; unset trains every epoch)",
     )
+    feature_layers: list[str] | Literal["auto"] | None = Field(
+        None,
+        description="Intermediate-feature matching: module paths of the teacher (as named_modules names them, "
+        "e.g. ['layers.0', 'layers.2']; with a user student, paths of both models) whose outputs the student's "
+        "same-named modules learn to match, or 'auto' for the outputs of the teacher's top-level blocks (a "
+        "Sequential of blocks counts as its blocks; the logits' module excluded). Needs feature_weight > 0",
+    )
+    feature_weight: float = Field(
+        0.0,
+        ge=0,
+        le=1000,
+        description="Weight of the feature loss (per layer MSE / mean square of the teacher's feature, averaged "
+        "over layers) added to the distillation loss; 0 (the default) leaves feature matching off",
+    )
     seed: int = Field(0, ge=0, description="Seed of the student's initial weights, batches and data order")
     max_accuracy_drop: float | None = Field(
         None,
@@ -102,6 +124,14 @@ class DistillSpec(StepSpec):
         le=1,
         description="Fail (exit 3) when the student's eval accuracy is more than this below the teacher's",
     )
+
+    @field_validator("feature_layers", mode="before")
+    @classmethod
+    def _layers_from_text(cls, value: object) -> object:
+        """A string other than 'auto' (a rendered template, a trigger-form field) is a comma-separated list."""
+        if isinstance(value, str) and value.strip() != "auto":
+            return [part.strip() for part in value.split(",")]
+        return value.strip() if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _check(self) -> DistillSpec:
@@ -120,6 +150,19 @@ class DistillSpec(StepSpec):
             problems.append("width_factor: applies to the narrowed-teacher student only; remove it or student")
         if self.student is None and self.student_kwargs:
             problems.append("student_kwargs: only used with student='package.module:Name'")
+        if isinstance(self.feature_layers, list):
+            bad = [name for name in self.feature_layers if not LAYER_PATTERN.match(name)]
+            if not self.feature_layers:
+                problems.append("feature_layers: an empty list; name module paths (e.g. ['layers.0']) or 'auto'")
+            elif bad:
+                problems.append(f"feature_layers: expected module paths like 'layers.0' or 'features', got {bad}")
+            elif len(set(self.feature_layers)) != len(self.feature_layers):
+                problems.append(f"feature_layers: a layer is named twice in {self.feature_layers}")
+        if self.feature_layers is not None and self.feature_weight == 0:
+            problems.append("feature_weight: must be > 0 when feature_layers is set (it weighs the feature loss; "
+                            "0 leaves feature matching off), e.g. feature_weight=1.0")
+        if self.feature_layers is None and self.feature_weight > 0:
+            problems.append("feature_layers: required when feature_weight > 0 (module paths of the teacher, or 'auto')")
         if self.max_accuracy_drop is not None and self.eval_data_uri is None:
             problems.append("eval_data_uri: required when max_accuracy_drop is set (accuracy is measured on it)")
         if problems:
