@@ -6,6 +6,11 @@ subprocess), on the example digits CNN through each converter path:
   skip, saying so, when that venv does not exist.
 - ONNX (the MLflow onnx model) -> onnx2tf -> TFLiteConverter, in this venv.
 - Keras (the same network with the same weights, rebuilt channel-last) -> TFLiteConverter.
+- The pipeline's tflite builds (``targets.builds()``): the PyTorch model with litert-torch, the ONNX
+  export as ``fallback_model_uri``; the step runs in this venv and reaches litert-torch through
+  ``MODELOPT_LITERT_PYTHON`` (what the operator sets from ``[modelopt] litert_python`` in local
+  mode). CI provisions the litert venv (scripts/make-litert-venv.sh); the litert-torch case skips
+  without it, the fallback case does not need it.
 
 Each TFLite model is checked here with the LiteRT interpreter, fed as its recorded signature says
 (NHWC where it records NHWC, quantized where it records int8/uint8), against torch.
@@ -33,14 +38,18 @@ EXPERIMENT = "tests-tflite-quantize"
 
 
 def run_tflite_step(spec: dict[str, Any], server: MlflowServer, *, python: str | Path = sys.executable,
-                    experiment: str = EXPERIMENT, timeout: float = 600) -> StepRun:
+                    experiment: str = EXPERIMENT, timeout: float = 600, env: dict[str, str | None] | None = None) -> StepRun:
     """``<python> -m airflow_modelopt run tflite_quantize --spec -`` as tests/conftest.py's run_step,
     with a chosen interpreter (the litert venv for the PyTorch path)."""
     spec = {**spec, "context": {"experiment_name": experiment, "force": True}}
+    environment = {**os.environ, **server.env(), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    for name, value in (env or {}).items():  # None removes a variable
+        environment.pop(name, None)
+        if value is not None:
+            environment[name] = value
     proc = subprocess.run(
         [str(python), "-m", "airflow_modelopt", "run", "tflite_quantize", "--spec", "-"],
-        input=json.dumps(spec), capture_output=True, text=True, timeout=timeout,
-        env={**os.environ, **server.env(), "TF_CPP_MIN_LOG_LEVEL": "2"},
+        input=json.dumps(spec), capture_output=True, text=True, timeout=timeout, env=environment,
     )
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
     result = json.loads(lines[-1]) if proc.returncode == 0 and lines else None
@@ -491,3 +500,116 @@ def test_outputs_named_otherwise_by_onnx2tf_are_paired_by_shape_not_by_position(
     nchw = [TensorIO("mask", [None, 2, 8, 8]), TensorIO("logits", [None, 10])]
     nhwc = [("x0", TensorInfo(3, "x0", "float32", [1, 10])), ("x1", TensorInfo(4, "x1", "float32", [1, 8, 8, 2]))]
     assert [(s.name, t.index) for s, t, _ in _pair(nhwc, nchw, "output")] == [("mask", 4), ("logits", 3)]
+
+
+# -- the pipeline's tflite builds: litert-torch on the PyTorch model, onnx2tf on the ONNX export as fallback --
+
+
+def pipeline_spec(target: str, model_uri: str, onnx_uri: str, calibration_uri: str) -> dict[str, Any]:
+    """The spec the pipeline's build of ``target`` gives the step (targets.builds(), filled as pipelines.py does)."""
+    from airflow_modelopt.targets import builds
+
+    build = builds()[target]
+    fills = {"{model}": model_uri, "{calibration}": calibration_uri}
+    spec = {k: fills.get(v, v) if isinstance(v, str) else v for k, v in build.kwargs.items()}
+    spec[build.model_field] = onnx_uri
+    assert (spec["model_uri"], spec["fallback_model_uri"]) == (model_uri, onnx_uri)
+    return spec
+
+
+@pytest.fixture(scope="module")
+def gru(tmp_path_factory) -> dict[str, Any]:
+    """A seeded GRU classifier over 8 rows of 8 (untrained: no training time), as the pipeline has it: a
+    .pt2 with a dynamic batch and its ONNX export (a GRU's ONNX is what onnx2tf cannot convert, docs/coverage.md:
+    tf.TensorListReserve); calibration and eval data; torch's logits on the eval data."""
+    import torch
+
+    class GRUClassifier(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gru = torch.nn.GRU(8, 24, batch_first=True)
+            self.head = torch.nn.Linear(24, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out, _ = self.gru(x)
+            return self.head(out[:, -1])
+
+    torch.manual_seed(0)
+    model = GRUClassifier().eval()
+    rng = np.random.default_rng(0)
+    folder = tmp_path_factory.mktemp("gru")
+    data = {split: rng.normal(size=(n, 8, 8)).astype(np.float32) for split, n in (("calibration", 64), ("eval", 128))}
+    for split, x in data.items():
+        np.savez(folder / f"{split}.npz", x=x)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    example = torch.from_numpy(data["eval"][:2])
+    torch.export.save(torch.export.export(model, (example,), dynamic_shapes={"x": {0: batch}}), folder / "gru.pt2")
+    torch.onnx.export(model, (example,), str(folder / "gru.onnx"), input_names=["x"], output_names=["logits"],
+                      dynamic_axes={"x": {0: "batch"}}, dynamo=False)
+    with torch.no_grad():
+        logits = model(torch.from_numpy(data["eval"])).numpy()
+    return {"pt2": str(folder / "gru.pt2"), "onnx": str(folder / "gru.onnx"), "eval": data["eval"], "logits": logits,
+            "calibration": str(folder / "calibration.npz")}
+
+
+def test_pipeline_tflite_int8_converts_a_gru_with_litert_torch_and_records_it(litert_python, gru, mlflow_server,
+                                                                              tmp_path):
+    """The step runs in this venv (no litert-torch, as a worker's Python), litert-torch in the configured one."""
+    from airflow_modelopt.container.measure import cosine
+    from airflow_modelopt.container.runtimes import load
+
+    experiment = f"{EXPERIMENT}-pipeline-litert"
+    spec = pipeline_spec("tflite_int8", gru["pt2"], gru["onnx"], gru["calibration"])
+    result = ok(run_tflite_step(spec, mlflow_server, experiment=experiment,
+                                env={"MODELOPT_LITERT_PYTHON": str(litert_python)}))
+    info = result["info"]
+    assert (info["conversion_path"], info["converter"], info["converted_from"]) == (
+        "litert_torch", "litert-torch", "model_uri")
+    assert info["fallback_reason"] is None and info["converter_python"] == str(litert_python)
+    run = mlflow_server.client().get_run(result["mlflow_run_id"])
+    assert run.data.tags["modelopt.tflite.path"] == "litert_torch"
+    assert run.data.tags["modelopt.tflite.converter"] == f"litert-torch {info['converter_version']}"
+    assert info["converter_version"][0].isdigit()
+    assert "modelopt.tflite.fallback_reason" not in run.data.tags
+    assert run.data.params["tflite_converter"] == "litert-torch"
+    assert run.data.params["tflite_source"] == "model_uri"
+    # The layout validate/benchmark read: the PyTorch layout kept, the batch fixed to 1, int8 at the edges.
+    folder = tflite_folder(result, mlflow_server, tmp_path)
+    sig = json.loads((folder / "modelopt_signature.json").read_text())
+    assert sig["inputs"][0]["shape"] == [1, 8, 8] and sig["inputs"][0]["dtype"] == "int8"
+    assert sig["inputs"][0]["layout"] != "NWC" and info["layout_change"] == {}
+    assert result["metrics"]["float_op_count"] == 0 and result["metrics"]["flex_op_count"] == 0
+    # Run as validation and benchmark run it: the runtimes layer, a batch of 64 split into the fixed batch.
+    with load(folder, "tflite", threads=1) as runtime:
+        (logits,) = runtime.run({"x": gru["eval"]}, batch_size=64)
+    assert logits.shape == gru["logits"].shape
+    agree = float((logits.argmax(1) == gru["logits"].argmax(1)).mean())
+    print(f"\n  gru int8 via litert-torch: top-1 agreement {agree:.3f}, cosine "
+          f"{cosine(logits.ravel(), gru['logits'].ravel()):.4f}, step's own {result['metrics']['top1_agreement']:.3f}")
+    assert cosine(logits.ravel().astype(np.float64), gru["logits"].ravel().astype(np.float64)) > 0.98
+    assert agree >= 0.85 and result["metrics"]["top1_agreement"] >= 0.85
+
+
+def test_pipeline_tflite_build_falls_back_to_onnx2tf_when_litert_torch_is_unavailable(example_model, example_onnx,
+                                                                                      reference, mlflow_server,
+                                                                                      tmp_path):
+    """No litert-torch here and no MODELOPT_LITERT_PYTHON: the same run converts the ONNX export and says why."""
+    experiment = f"{EXPERIMENT}-pipeline-fallback"
+    spec = pipeline_spec("tflite_fp16", example_model["artifacts"]["model_pt2"], example_onnx["artifacts"]["onnx_model"],
+                         example_model["artifacts"]["calibration_data"])
+    result = ok(run_tflite_step(spec, mlflow_server, experiment=experiment, env={"MODELOPT_LITERT_PYTHON": None}))
+    info = result["info"]
+    assert (info["conversion_path"], info["converter"], info["converted_from"], info["fallback_from"]) == (
+        "onnx2tf", "onnx2tf", "fallback_model_uri", "litert_torch")
+    assert info["fallback_reason"].startswith("litert_torch: litert-torch is not installed in this Python")
+    run = mlflow_server.client().get_run(result["mlflow_run_id"])
+    assert run.data.tags["modelopt.tflite.path"] == "onnx2tf"
+    assert run.data.tags["modelopt.tflite.converter"] == f"onnx2tf {info['converter_version']}"
+    assert "MODELOPT_LITERT_PYTHON" in run.data.tags["modelopt.tflite.fallback_reason"]
+    assert run.data.params["tflite_source"] == "fallback_model_uri"
+    # onnx2tf's layout, recorded so validation feeds it NHWC
+    folder = tflite_folder(result, mlflow_server, tmp_path)
+    sig = json.loads((folder / "modelopt_signature.json").read_text())
+    assert sig["inputs"][0]["layout"] == "NHWC" and info["layout_change"] == {"x": "NCHW->NHWC"}
+    logits = run_tflite(folder, reference["x"])
+    assert float((logits.argmax(1) == reference["logits"].argmax(1)).mean()) >= 0.98
