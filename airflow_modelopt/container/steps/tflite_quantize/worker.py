@@ -31,8 +31,11 @@ def main() -> int:
         spec = TFLiteQuantizeSpec.model_validate(request["spec"])
         workdir = Path(request["workdir"])
         calibration = Path(request["calibration_path"]) if request.get("calibration_path") else None
+        from airflow_modelopt.container import trust
+
         try:
-            built = convert_one(spec, Path(request["model_path"]), calibration, workdir, log)
+            with trust.policy(spec.context.trust_model_code):  # the calling step's policy, as in its own process
+                built = convert_one(spec, Path(request["model_path"]), calibration, workdir, log)
             reply = {"ok": True, "out_dir": str(built.out_dir), "metrics": built.metrics, "info": built.info,
                      "calibration_file": save_calibration(built.calibration, workdir)}
         except ModelOptError as exc:
