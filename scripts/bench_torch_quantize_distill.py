@@ -45,21 +45,34 @@ def progress(text: str) -> None:
 
 
 class Compiled:
-    """A torch.compile'd ExportedProgram behind the one method measure.time_batch calls."""
+    """A torch.compile'd ExportedProgram (inductor, ``freezing`` on: weights folded as constants, as
+    PyTorch's PT2E x86 recipe compiles int8 programs) behind what ``measure.time_models`` calls. The
+    runtimes layer has no compile option (validate and benchmark run eager PyTorch), so the bench
+    compiles here. Compiled once and kept across timing rounds (``close`` keeps it): recompiling per
+    round would cost minutes, and an idle compiled module runs no threads."""
 
-    def __init__(self, pt2: Path) -> None:
+    def __init__(self, pt2: Path, threads: int) -> None:
         import torch
+        import torch._inductor.config
 
         from airflow_modelopt.container.runtimes.torch_backend import load_exported_program
 
-        self.fn = torch.compile(load_exported_program(pt2).module())
-        self.inference = torch.inference_mode
+        torch.set_num_threads(threads)
+        torch._inductor.config.freezing = True
+        self.fn = torch.compile(load_exported_program(pt2).module(), backend="inductor")
+        self.no_grad = torch.no_grad
+
+    def prepare(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {k: np.ascontiguousarray(v) for k, v in feeds.items()}
 
     def run_native(self, feeds: dict[str, np.ndarray]) -> Any:
         import torch
 
-        with self.inference():
+        with self.no_grad():
             return self.fn(torch.from_numpy(feeds["x"]))
+
+    def close(self) -> None:
+        pass
 
 
 def sources(models: list[str], work: Path, residual_epochs: int) -> dict[str, dict[str, str]]:
@@ -104,28 +117,42 @@ def quantization_rows(name: str, src: dict[str, str], work: Path, args: argparse
     x, y = data["x"], data["y"]
     batch = {"x": np.ascontiguousarray(x[: args.batch])}
     rows = []
+    eager_top1: dict[str, np.ndarray] = {}
     for label, path in paths.items():
         with load(path, threads=args.threads) as rt:
             out = rt.run({"x": x})[0]
+        eager_top1[label] = out.argmax(1)
         rows.append({"model": name, "variant": label, "accuracy": float((out.argmax(1) == y).mean()),
                      "bytes": sum(p.stat().st_size for p in ([path] if path.is_file() else path.rglob("*"))
                                   if p.is_file() and p.name != "MLmodel")})
-    times = measure.time_models(lambda label: load(paths[label], threads=args.threads), list(paths), batch,
-                                args.warmup, args.runs, rounds=args.rounds)
+    compiled: dict[str, Compiled] = {}
     if args.compile:
-        import torch
-
-        torch.set_num_threads(args.threads)
         for label in ("torch fp32 (eager)", "torch int8 PT2E (eager)"):
-            t0 = time.monotonic()
-            compiled = Compiled(paths[label])
-            compiled.run_native(batch)
-            progress(f"{name}: compiled {label} in {time.monotonic() - t0:.0f} s")
             clabel = label.replace("eager", "torch.compile inductor")
-            times[clabel] = measure.time_batch(compiled, batch, args.warmup, args.runs)
-            rows.append({"model": name, "variant": clabel, "accuracy": None, "bytes": None})
+            t0 = time.monotonic()
+            try:
+                compiled[clabel] = Compiled(paths[label], args.threads)
+                out = compiled[clabel].run_native(batch)  # the compile happens on the first call
+            except Exception as exc:  # noqa: BLE001 - reported in the table, not hidden
+                error = f"{type(exc).__name__}: {str(exc).strip()[:400]}"
+                compiled.pop(clabel, None)
+                progress(f"{name}: torch.compile of {label} FAILED after {time.monotonic() - t0:.0f} s: {error}")
+                rows.append({"model": name, "variant": clabel, "accuracy": None, "bytes": None, "error": error})
+                continue
+            agree = float((out.numpy().argmax(1) == np.asarray(eager_top1[label][:1])).mean())
+            progress(f"{name}: compiled {label} in {time.monotonic() - t0:.0f} s (top-1 as eager: {agree:.0f})")
+            rows.append({"model": name, "variant": clabel, "accuracy": None, "bytes": None,
+                         "compile_s": time.monotonic() - t0})
+
+    def runtime(label: str) -> Any:
+        return compiled[label] if label in compiled else load(paths[label], threads=args.threads)
+
+    times = measure.time_models(runtime, [*paths, *compiled], batch, args.warmup, args.runs, rounds=args.rounds)
     fp32_ms = measure.latency_stats(times["torch fp32 (eager)"], args.batch)["latency_ms_p50"]
     for row in rows:
+        if row["variant"] not in times:  # a failed compile
+            row.update({"p50_ms": None, "p95_ms": None, "vs_torch_fp32": None})
+            continue
         stats = measure.latency_stats(times[row["variant"]], args.batch)
         row.update({"p50_ms": stats["latency_ms_p50"], "p95_ms": stats["latency_ms_p95"],
                     "vs_torch_fp32": stats["latency_ms_p50"] / fp32_ms})
@@ -141,20 +168,28 @@ def distill_rows(name: str, src: dict[str, str], args: argparse.Namespace) -> li
     common = {"model_uri": src["pt2"], "train_data_uri": src["train"], "eval_data_uri": src["eval"],
               "width_factor": args.width, "epochs": args.distill_epochs, "early_stop_patience": None,
               "context": {"experiment_name": "bench-tqd"}}
-    rows = [{"model": name, "variant": "teacher", "params": None, "accuracy": None}]
-    variants = [("distilled", {"alpha": 0.9}), ("hard labels only", {"alpha": 0.0})]
+    rows = [{"model": name, "variant": "teacher", "params": None, "accuracy": None, "seed": None}]
+    variants = [("distilled", {"alpha": 0.9})]
+    for weight in args.feature_weights:
+        variants.append((f"distilled + features {args.feature_layers} w{weight:g}",
+                         {"alpha": 0.9, "feature_layers": args.feature_layers, "feature_weight": weight}))
+    if not args.skip_hard_labels:
+        variants.append(("hard labels only", {"alpha": 0.0}))
     if args.augment:
         # mixup + noise batches, BatchNorm statistics updated: the teacher labels each augmented
         # batch (KD); the hard-label twin mixes each sample's label with its partner's (mixup).
         extra = {"augment": True, "batchnorm": "update"}
         variants += [("distilled, augmented", {"alpha": 0.9, **extra}),
                      ("hard labels only, augmented", {"alpha": 0.0, **extra})]
-    for label, fields in variants:
-        m = run_step("distill", {**common, **fields}).metrics
-        rows[0].update(params=m["teacher_params"], accuracy=m["teacher_accuracy"])
-        rows.append({"model": name, "variant": f"student x{args.width} {label}", "params": m["student_params"],
-                     "accuracy": m["student_accuracy"]})
-        progress(f"{name}: {rows[-1]['variant']}: accuracy {m['student_accuracy']:.4f}")
+    for seed in args.seeds:
+        for label, fields in variants:
+            t0 = time.monotonic()
+            m = run_step("distill", {**common, **fields, "seed": seed}).metrics
+            rows[0].update(params=m["teacher_params"], accuracy=m["teacher_accuracy"])
+            rows.append({"model": name, "variant": f"student x{args.width} {label}", "params": m["student_params"],
+                         "accuracy": m["student_accuracy"], "seed": seed, "train_time_s": m["train_time_s"]})
+            progress(f"{name}: {rows[-1]['variant']} seed {seed}: accuracy {m['student_accuracy']:.4f} "
+                     f"({time.monotonic() - t0:.0f} s)")
     return rows
 
 
@@ -171,6 +206,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--distill-epochs", type=int, default=6)
     parser.add_argument("--width", type=float, default=0.45, help="narrowed student's width factor")
     parser.add_argument("--skip-distill", action="store_true")
+    parser.add_argument("--skip-quantize", action="store_true", help="distillation rows only")
+    parser.add_argument("--skip-hard-labels", action="store_true", help="no hard-label-only student")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="distill seeds (batch order)")
+    parser.add_argument("--feature-layers", default="auto",
+                        help="distill feature_layers of the feature-matching variants ('auto' or 'a,b')")
+    parser.add_argument("--feature-weights", type=float, nargs="*", default=[],
+                        help="also distil with feature matching at each of these feature_weight values")
     parser.add_argument("--augment", action="store_true",
                         help="also distil and hard-label-train on mixup + noise batches with BatchNorm updated")
     parser.add_argument("--json", type=Path)
@@ -187,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     failures: list[str] = []
     for name, src in srcs.items():
         try:
-            quant += quantization_rows(name, src, work, args)
+            quant += [] if args.skip_quantize else quantization_rows(name, src, work, args)
         except Exception as exc:  # noqa: BLE001 - a failed build keeps its reason; the run goes on
             failures.append(f"{name} int8: {type(exc).__name__}: {str(exc)[:500]}")
             progress(failures[-1])
@@ -198,21 +240,32 @@ def main(argv: list[str] | None = None) -> int:
             progress(failures[-1])
         progress(f"{name}: done at {time.monotonic() - started:.0f} s")
 
+    print("\ncommand: " + " ".join([".venv/bin/python", *sys.argv]))
     print(f"\nint8: batch {args.batch}, {args.threads} thread(s), {args.runs} timed runs; drop vs torch fp32\n")
-    print("| model | variant | accuracy | drop | bytes | p50 ms | p95 ms | vs torch fp32 |")
+    print("| model | variant | accuracy | drop | bytes | p50 ms | p95 ms | vs torch fp32 eager |")
     print("|---|---|---|---|---|---|---|---|")
     for r in quant:
         acc = "" if r["accuracy"] is None else f"{r['accuracy']:.4f}"
         drop = "" if r["drop_pt"] is None else f"{r['drop_pt']:+.2f} pt"
         size = "" if r["bytes"] is None else f"{r['bytes']:,}"
-        print(f"| {r['model']} | {r['variant']} | {acc} | {drop} | {size} | {r['p50_ms']:.3f} | {r['p95_ms']:.3f} "
-              f"| {r['vs_torch_fp32']:.2f}x |")
+        if r.get("error"):
+            print(f"| {r['model']} | {r['variant']} | FAILED: {r['error']} | | | | | |")
+            continue
+        note = f" (compile {r['compile_s']:.0f} s)" if "compile_s" in r else ""
+        print(f"| {r['model']} | {r['variant']}{note} | {acc} | {drop} | {size} | {r['p50_ms']:.3f} | "
+              f"{r['p95_ms']:.3f} | {r['vs_torch_fp32']:.2f}x |")
     if dist:
-        print(f"\ndistillation: {args.distill_epochs} epochs, cosine LR, same narrowed student both ways\n")
-        print("| model | variant | params | eval accuracy |")
-        print("|---|---|---|---|")
+        print(f"\ndistillation: {args.distill_epochs} epochs, cosine LR, the same narrowed student every way, "
+              f"seeds {args.seeds} (batch order)\n")
+        print("| model | variant | params | eval accuracy per seed | mean |")
+        print("|---|---|---|---|---|")
+        groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
         for r in dist:
-            print(f"| {r['model']} | {r['variant']} | {r['params']:,.0f} | {r['accuracy']:.4f} |")
+            groups.setdefault((r["model"], r["variant"]), []).append(r)
+        for (model, variant), rs in groups.items():
+            accs = [r["accuracy"] for r in rs]
+            print(f"| {model} | {variant} | {rs[0]['params']:,.0f} | {' / '.join(f'{a:.4f}' for a in accs)} "
+                  f"| {np.mean(accs):.4f} |")
     for failure in failures:
         print(f"\nFAILED {failure}")
     if args.json:

@@ -133,3 +133,157 @@ def test_augmentation_and_batchnorm_updates_are_opt_in_and_checked():
     assert (parse(augment=True, batchnorm="update").augment, parse(batchnorm="update").batchnorm) == (True, "update")
     with pytest.raises(SpecError, match=r"batchnorm"):
         parse(batchnorm="train")
+
+
+# -- intermediate-feature matching: spec ---------------------------------------------------------
+
+
+def test_feature_matching_is_off_by_default_and_needs_both_layers_and_a_weight():
+    spec = parse()
+    assert (spec.feature_layers, spec.feature_weight) == (None, 0.0)
+    assert parse(feature_layers="auto", feature_weight=0.5).feature_layers == "auto"
+    with pytest.raises(SpecError, match=r"feature_weight: must be > 0 when feature_layers is set"):
+        parse(feature_layers="auto")
+    with pytest.raises(SpecError, match=r"feature_layers: required when feature_weight > 0"):
+        parse(feature_weight=1.0)
+
+
+@pytest.mark.parametrize(("layers", "message"), [
+    ([], r"feature_layers: an empty list"),
+    (["layers.0", "layers 1"], r"feature_layers: expected module paths like 'layers.0' .*\['layers 1'\]"),
+    (["stem", "stem"], r"feature_layers: a layer is named twice"),
+    ("layers.0,,layers.2", r"feature_layers: expected module paths .*\[''\]"),
+    (3, r"feature_layers"),
+])
+def test_bad_feature_layers_name_the_field(layers, message):
+    with pytest.raises(SpecError, match=message):
+        parse(feature_layers=layers, feature_weight=1.0)
+    with pytest.raises(SpecError, match=r"feature_weight: Input should be greater than or equal to 0"):
+        parse(feature_layers="auto", feature_weight=-1)
+
+
+def test_feature_layers_from_a_rendered_template_are_a_comma_separated_list():
+    assert parse(feature_layers="layers.0, layers.2", feature_weight=1).feature_layers == ["layers.0", "layers.2"]
+    assert parse(feature_layers=" auto ", feature_weight=1).feature_layers == "auto"
+
+
+def test_operator_passes_the_feature_fields_and_refuses_them_at_parse_time():
+    from airflow_modelopt.operators import DistillOperator
+
+    op = DistillOperator(task_id="d", model_uri=PT2, train_data_uri=TRAIN, feature_layers=["layers.0"],
+                         feature_weight=0.5)
+    assert {"feature_layers", "feature_weight"} <= set(op.template_fields)
+    with pytest.raises(ValueError, match=r"(?s)DistillOperator 'd': .*feature_weight: must be > 0"):
+        DistillOperator(task_id="d", model_uri=PT2, train_data_uri=TRAIN, feature_layers="auto")
+
+
+# -- intermediate-feature matching: resolving layers on real graphs (torch, no MLflow) -------------
+
+
+@pytest.fixture(scope="module")
+def residual_teacher():
+    """A small residual CNN (scripts/_bench_common.residual_cnn, random weights) exported and lifted
+    the way the distill step lifts its teacher."""
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+    import torch
+
+    from airflow_modelopt.container.steps.prune.fx_lifting import lift
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+    from _bench_common import residual_cnn
+
+    torch.manual_seed(0)
+    model = residual_cnn(widths=(8, 16, 32)).eval()
+    x = np.random.default_rng(0).normal(size=(24, 3, 32, 32)).astype(np.float32)
+    program = torch.export.export(model, (torch.from_numpy(x[:2]),),
+                                  dynamic_shapes=({0: torch.export.Dim.AUTO},))
+    gm = program.module()
+    ref = [gm(torch.from_numpy(x[:2])).detach().numpy()]
+    return lift(gm, {"x": x[:2]}, ["x"], ref), {"x": x}
+
+
+class _Log:
+    def __init__(self):
+        self.lines = []
+
+    def info(self, msg, *args):
+        self.lines.append(msg % args)
+
+
+def test_auto_matches_the_outputs_of_top_level_blocks_not_the_logits(residual_teacher):
+    from airflow_modelopt.container.steps.distill import auto_layers
+
+    teacher, _ = residual_teacher
+    # the stem (a Sequential of plain layers) is one block, the Sequential of BasicBlocks stands for its
+    # blocks; the pool holds no parameters and fc gives the logits
+    assert auto_layers(teacher) == ["stem", "layers.0", "layers.1", "layers.2"]
+
+
+def test_narrowed_student_features_go_through_1x1_projections_that_train_the_student(residual_teacher):
+    import torch
+
+    from airflow_modelopt.container.steps.distill import feature_matching, narrowed_teacher
+
+    teacher, x = residual_teacher
+    spec = parse(feature_layers=["layers.0", "layers.2"], feature_weight=1.0, width_factor=0.5)
+    log = _Log()
+    student = narrowed_teacher(teacher, {"x": x["x"][:2]}, ["x"], spec, log)
+    match = feature_matching(spec, teacher, student, "narrowed_teacher", x, ["x"], False, log)
+    assert [(r["layer"], r["teacher_shape"], r["student_shape"], r["projection"]) for r in match.records] == [
+        ("layers.0", [8, 16, 16], [4, 16, 16], "1x1 4->8"), ("layers.2", [32, 4, 4], [16, 4, 4], "1x1 16->32")]
+    assert [len(c) for c in match.cache] == [24, 24]  # the teacher's features, computed once
+    batch = torch.from_numpy(x["x"][:8])
+    out, feats = match.student_tap(batch)
+    assert torch.allclose(out[0], student(batch))  # the tapped graph computes the student's logits
+    loss = match.loss(feats, match.teacher(torch.arange(8), [batch]))
+    loss.backward()
+    conv = student.get_submodule("layers.0.conv1")
+    assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0  # the student's own weights learn
+    assert any("learned 1x1 projection 4 -> 8 channels" in line for line in log.lines)
+    match.close()
+
+
+@pytest.mark.parametrize(("layers", "message"), [
+    (["layers.7"], r"feature_layers: \['layers.7'\] not found in the teacher; its blocks are \['stem', 'layers.0'"),
+    (["layers.0.relu"], r"feature_layers: \{'layers.0.relu': 2\} have several outputs"),
+])
+def test_bad_feature_layers_are_input_errors(residual_teacher, layers, message):
+    from airflow_modelopt.container.steps.distill import feature_matching, narrowed_teacher
+    from airflow_modelopt.exceptions import InputError
+
+    teacher, x = residual_teacher
+    spec = parse(feature_layers=layers, feature_weight=1.0)
+    student = narrowed_teacher(teacher, {"x": x["x"][:2]}, ["x"], spec, _Log())
+    with pytest.raises(InputError, match=message):
+        feature_matching(spec, teacher, student, "narrowed_teacher", x, ["x"], False, _Log())
+
+
+def test_a_shape_mismatch_beyond_channels_is_refused_when_named_and_skipped_by_auto(residual_teacher):
+    """A user student with the teacher's module names but another resolution at 'layers.0' (stride 1)."""
+    import sys
+    from pathlib import Path
+
+    from airflow_modelopt.container.steps.distill import feature_matching
+    from airflow_modelopt.exceptions import InputError
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+    from _bench_common import BasicBlock, residual_cnn
+
+    teacher, x = residual_teacher
+    student = residual_cnn(widths=(8, 8, 16))
+    student.layers[0] = BasicBlock(8, 8, 1)  # 32x32 where the teacher's layers.0 gives 16x16
+    named = parse(student=STUDENT, feature_layers=["layers.0"], feature_weight=1.0)
+    with pytest.raises(InputError, match=r"feature_layers: 'layers.0' gives the teacher \[8, 16, 16\] but the student "
+                                         r"\[8, 32, 32\] per sample"):
+        feature_matching(named, teacher, student, "user", x, ["x"], False, _Log())
+    log = _Log()
+    auto = feature_matching(parse(student=STUDENT, feature_layers="auto", feature_weight=1.0), teacher, student,
+                            "user", x, ["x"], False, log)
+    assert auto.layers == ["stem"]  # the same shape: no projection; every later block has another resolution
+    assert [r["projection"] for r in auto.records] == [None]
+    assert sum("feature_layers=auto: skipped layers." in line for line in log.lines) == 3
+    auto.close()
+    assert not student.stem._forward_hooks  # the hooks are removed before the student is exported
