@@ -12,7 +12,18 @@
    labels by ``alpha``; the KL term alone without labels). Adam, cosine learning-rate schedule;
    after every epoch the eval accuracy is logged (``ctx.log_metrics(step=epoch)``) and the best
    epoch's weights are kept; ``early_stop_patience`` epochs without improvement stop training.
-   Intermediate-feature matching is not implemented: logits only.
+   Optional intermediate-feature matching (``feature_layers``, ``feature_weight`` > 0; FitNets-style
+   hints): the layers are module paths of the original model, found in the graph through the
+   ``nn_module_stack`` metadata torch.export keeps (``ExportedProgram.module()`` is flat, so forward
+   hooks by name cannot work on it); ``"auto"`` takes the outputs of the teacher's top-level blocks
+   (:func:`auto_layers`). A copy of each graph returns those nodes' values besides the logits
+   (:class:`GraphTap`, sharing the modules); a user student's modules are hooked by name
+   (:class:`HookTap`). Loss added: ``feature_weight`` x mean over layers of MSE / mean square of the
+   teacher's feature. A student feature with fewer channels (the narrowed teacher's) goes through a
+   1x1 projection, initialised to the least-squares fit and trained with the student, then dropped;
+   any other shape difference is an InputError for a named layer and a log line for ``"auto"``. The
+   matched layers are logged as the param ``feature_layers_matched``, the loss per epoch as
+   ``feature_loss``.
 4. The student is exported with torch.export (dynamic batch) as ``model_pt2``, which torch_to_onnx
    takes; a training-curve PNG and a JSON history are logged beside it.
 
