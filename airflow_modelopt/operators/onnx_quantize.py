@@ -25,6 +25,16 @@ class OnnxQuantizeOperator(ModelOptOperator):
     metrics ``search.<config>.latency_ms`` ...), even when none passes (the task then fails
     with the gate, exit 3).
 
+    Transformers: ``optimize_transformer="auto"`` (default) fuses a graph with attention (a Softmax
+    between two activation MatMuls) before dynamic quantization: self-attention into ONNX
+    Runtime's ``Attention`` op (int8 ``QAttention`` once quantized), Add+LayerNorm into
+    ``SkipLayerNormalization``, GELU into ``BiasGelu``; search mode tries each dynamic configuration
+    fused (``fused_<config>``) and not. The fused graph must reproduce the source's outputs on the
+    evaluation data or it is not used. What fused is in ``info["transformer_fusion"]``, the metrics
+    ``fused_nodes.<op>`` and the run tag ``modelopt.onnx_quantize.transformer_fusion``. ``"on"``
+    quantizes the fused graph in every mode, ``"off"`` never fuses; ``num_heads`` overrides the head
+    count read off the attention scores.
+
     Calibration or evaluation arrays whose names or shapes do not match the model's inputs, or
     an empty calibration set, fail the task before any work (exit 2, not retried), naming the
     input and the shape it expects. Result artifacts: ``onnx_model`` (``models:/`` URI),

@@ -13,6 +13,7 @@ QuantMode = Literal["dynamic", "static", "search"]
 CalibrationMethodName = Literal["MinMax", "Entropy", "Percentile"]
 QuantFormatName = Literal["QDQ", "QOperator"]
 Int8Type = Literal["uint8", "int8"]
+TransformerFusion = Literal["auto", "on", "off"]
 
 #: Configurations the search mode can try, by name. "static" ones are calibrated (with the
 #: spec's calibration_method); "dynamic" ones quantize weights ahead of time and activations at
@@ -47,6 +48,9 @@ DEFAULT_SEARCH_CONFIGS: tuple[str, ...] = (
 #: has labels (y), else top-1 agreement with the fp32 model.
 DEFAULT_MAX_ACCURACY_DROP = 0.02
 DEFAULT_MIN_TOP1_AGREEMENT = 0.98
+
+#: Name prefix of a search configuration built on the transformer-fused graph.
+FUSED_PREFIX = "fused_"
 
 _OP_TYPE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 
@@ -132,6 +136,21 @@ class OnnxQuantizeSpec(StepSpec):
     preprocess_optimize: bool = Field(
         True, description="Let pre-processing optimize the graph (turn off if it removes nodes you exclude by name)"
     )
+    optimize_transformer: TransformerFusion = Field(
+        "auto",
+        description="Transformer graph fusions before quantizing: self-attention blocks into ONNX Runtime's fused "
+        "Attention op, Add+LayerNormalization into SkipLayerNormalization, GELU into BiasGelu/FastGelu. auto: when "
+        "the graph has attention (a Softmax between two activation MatMuls), dynamic quantization runs on the fused "
+        "graph (its QAttention and DynamicQuantizeMatMul kernels are what make int8 pay on transformers) and search "
+        "mode tries each dynamic configuration both fused (fused_<config>) and not; on: every configuration "
+        "quantizes the fused graph; off: never. The fused graph must reproduce the source's outputs on the "
+        "evaluation data, else it is not used; what fused is recorded on the run",
+    )
+    num_heads: int | None = Field(
+        None, ge=1, le=1024,
+        description="Attention heads per block for the Attention fusion; default: read off the attention scores' "
+        "shape on one data sample",
+    )
     search_configs: list[SearchConfigName] | None = Field(
         None,
         description="Configurations search mode tries; default "
@@ -212,6 +231,8 @@ class OnnxQuantizeSpec(StepSpec):
                 "activation_type 'int8' with weight_type 'uint8' is not supported by ONNX Runtime; use int8 weights "
                 "(s8s8) or uint8 activations"
             )
+        if self.optimize_transformer == "off" and self.num_heads is not None:
+            raise ValueError("num_heads: only used by the transformer fusions; optimize_transformer is 'off'")
         for name in ("nodes_to_exclude", "op_types_to_exclude"):
             values = getattr(self, name)
             dupes = sorted({v for v in values if values.count(v) > 1})
@@ -234,6 +255,7 @@ class OnnxQuantizeSpec(StepSpec):
 
 
 __all__ = [
+    "FUSED_PREFIX",
     "DEFAULT_MAX_ACCURACY_DROP",
     "DEFAULT_MIN_TOP1_AGREEMENT",
     "DEFAULT_SEARCH_CONFIGS",

@@ -159,3 +159,23 @@ def test_operator_module_imports_no_ml_framework():
             f"print(','.join(m for m in {heavy!r} if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == ""
+
+
+def test_transformer_fusion_defaults_to_auto_and_its_options_are_checked():
+    spec = parse(mode="dynamic", calibration_data_uri=None)
+    assert (spec.optimize_transformer, spec.num_heads) == ("auto", None)
+    assert parse(mode="search", optimize_transformer="on", num_heads=4).num_heads == 4
+    with pytest.raises(SpecError, match=r"optimize_transformer: Input should be 'auto', 'on' or 'off'"):
+        parse(optimize_transformer="yes")
+    with pytest.raises(SpecError, match=r"num_heads: Input should be greater than or equal to 1"):
+        parse(num_heads=0)
+    with pytest.raises(SpecError, match=r"num_heads: only used by the transformer fusions; optimize_transformer is 'off'"):
+        parse(mode="dynamic", optimize_transformer="off", num_heads=2)
+
+
+def test_operator_refuses_num_heads_without_fusions_at_construction():
+    from airflow_modelopt.operators.onnx_quantize import OnnxQuantizeOperator
+
+    with pytest.raises(ValueError, match=r"num_heads: only used by the transformer fusions"):
+        OnnxQuantizeOperator(task_id="quantize", model_uri="/m.onnx", mode="dynamic", optimize_transformer="off",
+                             num_heads=2)

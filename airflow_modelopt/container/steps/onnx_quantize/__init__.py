@@ -4,6 +4,10 @@
    MLflow onnx-flavor folder) and check the data artifacts against its inputs by name, rank,
    fixed dimensions and dtype, before any work: a mismatch names the input and expected shape.
 2. ORT's quantization pre-processing (symbolic shape inference + basic graph optimization).
+   Transformers (``optimize_transformer``; auto: a Softmax between activation MatMuls): a second
+   working graph with attention fused into ORT's Attention op and LayerNorm/GELU fusions
+   (``fusion``), checked against fp32's outputs, pre-processed the same way; dynamic quantization
+   (and in search, the ``fused_`` configurations) quantizes it.
 3. Quantize: dynamic (weights only, activations at run time) or static (QDQ or QOperator;
    ranges calibrated with MinMax, Entropy or Percentile on the calibration data). In search mode
    several configurations are built; calibration runs once and is shared through ORT's cache.
@@ -17,7 +21,7 @@
 6. Log the chosen model with MLflow's onnx flavor, plus size, ratio and quantized-node counts.
 
 Modules: ``model`` (the ONNX graph and its files), ``calibration`` (data, batches, the calibration
-reader), ``quantize`` (configurations, pre-processing, exclusions, ORT's quantizers, node counts),
+reader), ``fusion`` (transformer fusions), ``quantize`` (configurations, pre-processing, exclusions, ORT's quantizers, node counts),
 ``search`` (measuring, gates, choosing, the search record); this one runs them in order.
 """
 
@@ -31,7 +35,9 @@ import numpy as np
 
 from airflow_modelopt.container.artifacts import locate_onnx
 from airflow_modelopt.container.context import StepContext, StepOutput
+from airflow_modelopt.container.measure import agreement
 from airflow_modelopt.container.steps.onnx_quantize.calibration import Dataset, fixed_batch, latency_feed, load_dataset
+from airflow_modelopt.container.steps.onnx_quantize.fusion import has_attention_pattern, optimize_transformer
 from airflow_modelopt.container.steps.onnx_quantize.model import OnnxModel, first_line, inspect_model, is_quant_op
 from airflow_modelopt.container.steps.onnx_quantize.quantize import (
     configs_for,
@@ -59,6 +65,7 @@ from airflow_modelopt.specs.onnx_quantize import OnnxQuantizeSpec
 
 TAG_CONFIG = "modelopt.onnx_quantize.config"
 TAG_MODE = "modelopt.onnx_quantize.mode"
+TAG_FUSION = "modelopt.onnx_quantize.transformer_fusion"
 #: Batch size agreement with fp32 is measured in (unless the graph fixes one).
 EVAL_BATCH = 32
 
@@ -130,19 +137,93 @@ def prepare_model(spec: OnnxQuantizeSpec, ctx: StepContext, source: OnnxModel) -
     return working, record, excluded
 
 
+#: The fused graph's outputs may differ from the source's by float rounding only: at most this
+#: much relative to the largest |output| (and every top-1 class the same).
+FUSION_TOLERANCE = 1e-3
+
+
+@dataclass
+class Fused:
+    """The transformer-fused working graph and what it applies to ("dynamic" or "all")."""
+
+    model: OnnxModel
+    applies_to: str
+    excluded: dict[str, str]
+
+
+def prepare_fused(spec: OnnxQuantizeSpec, ctx: StepContext, inputs: Inputs, excluded: dict[str, str]
+                  ) -> tuple[Fused | None, dict[str, Any]]:
+    """The transformer-fused working graph, or None and why not (the record goes on the run)."""
+    import onnx
+
+    if spec.optimize_transformer == "off":
+        return None, {"applied": False, "reason": "optimize_transformer is 'off'"}
+    source = inputs.source
+    attention = has_attention_pattern(onnx.load(str(source.path), load_external_data=False))
+    if spec.optimize_transformer == "auto":
+        if not attention:
+            return None, {"applied": False, "reason": "no attention in the graph (auto)"}
+        if spec.mode == "static":
+            return None, {"applied": False, "reason": "static quantization does not quantize the fused Attention op "
+                          "(auto fuses for dynamic quantization; 'on' fuses anyway)"}
+    applies_to = "all" if spec.optimize_transformer == "on" else "dynamic"
+    data = inputs.calibration or inputs.eval_data
+    started = time.monotonic()
+    try:
+        path, record = optimize_transformer(source.path, ctx.workdir / "fused", data.features if data else None,
+                                            spec.num_heads, ctx.log)
+        if inputs.eval_data is not None and inputs.reference is not None:
+            got = outputs_of(path, spec.intra_op_threads, spec.model_uri, inputs.eval_data, inputs.eval_batch,
+                             pad=inputs.fixed_batch is not None)
+            check = agreement(inputs.reference, got)
+            scale = max(float(np.max(np.abs(r))) for r in inputs.reference if r.dtype.kind == "f" and r.size)
+            record["check"] = {"max_abs_error": check["max_abs_error"], "tolerance": FUSION_TOLERANCE * max(scale, 1.0),
+                               **({"top1_agreement": check["top1_agreement"]} if "top1_agreement" in check else {})}
+            if check["max_abs_error"] > FUSION_TOLERANCE * max(scale, 1.0) or check.get("top1_agreement", 1.0) < 1.0:
+                raise ValueError(f"the fused graph's outputs differ from the source's: {record['check']}")
+        else:
+            record["check"] = "not checked: no evaluation data"
+        working = inspect_model(path, "model_uri", spec.model_uri)
+        if spec.preprocess:
+            try:
+                pre, info = preprocess(path, ctx.workdir / "fused_preprocessed", spec.preprocess_optimize, ctx.log)
+                working = inspect_model(pre, "model_uri", spec.model_uri)
+                record["preprocess"] = info
+            except ConversionFailed as exc:
+                record["preprocess"] = {"applied": False, "error": str(exc)}
+        if working.unnamed_nodes:
+            working = inspect_model(name_nodes(working, ctx.workdir / "fused_named"), "model_uri", spec.model_uri)
+    except Exception as exc:  # noqa: BLE001 - auto falls back to the unfused graph; on fails the step
+        if spec.optimize_transformer == "on":
+            raise ConversionFailed(f"optimize_transformer: the transformer fusions failed: {first_line(exc)}") from None
+        ctx.log.warning("Transformer fusions not used: %s", first_line(exc))
+        return None, {"applied": False, "reason": f"failed: {first_line(exc)}"}
+    record["seconds"] = round(time.monotonic() - started, 3)
+    record["applies_to"] = applies_to
+    present = set(working.node_names)
+    kept = {n: why for n, why in excluded.items() if n in present}
+    if spec.op_types_to_exclude:
+        graph = onnx.load(str(working.path), load_external_data=False).graph
+        kept.update({n.name: f"op_types_to_exclude ({n.op_type})" for n in graph.node
+                     if n.op_type in spec.op_types_to_exclude})
+    return Fused(working, applies_to, kept), record
+
+
 def build_all(spec: OnnxQuantizeSpec, ctx: StepContext, working: OnnxModel, inputs: Inputs,
-              excluded: dict[str, str]) -> list[Trial]:
+              excluded: dict[str, str], fused: Fused | None = None) -> list[Trial]:
     """Quantize every configuration; in search mode a failed one is recorded, not fatal."""
     trials = []
     cache_dir = ctx.workdir / "calibration"  # ORT's calibration cache: one calibration per method
     cache_dir.mkdir(exist_ok=True)
-    for config in configs_for(spec):
+    for config in configs_for(spec, fused.applies_to if fused else None):
         trial = Trial(config)
         started = time.monotonic()
         ctx.log.info("Quantizing: %s", config.as_dict())
+        model, exclude = (fused.model, fused.excluded) if config.transformer_fusion and fused else (working, excluded)
         try:
-            trial.path = quantize(config, working.path, ctx.workdir / "quantized" / config.name, inputs.calibration,
-                                  inputs.fixed_batch or 1, sorted(excluded), cache_dir)
+            trial.path = quantize(config, model.path, ctx.workdir / "quantized" / config.name, inputs.calibration,
+                                  inputs.fixed_batch or 1, sorted(exclude),
+                                  cache_dir / ("fused" if config.transformer_fusion else "source"))
             trial.bytes = inspect_model(trial.path, "model_uri", spec.model_uri).bytes
         except ConversionFailed as exc:
             if spec.mode != "search":
@@ -220,13 +301,22 @@ def check_speed(spec: OnnxQuantizeSpec, ctx: StepContext, inputs: Inputs, chosen
         )
 
 
+def fusion_tag(record: dict[str, Any]) -> str:
+    """The run tag: what fused and whether the chosen model uses it, or why nothing was fused."""
+    if not record.get("applied"):
+        return f"not applied: {record.get('reason', '')}"[:500]
+    fused = ", ".join(f"{op} {n}" for op, n in record["new_fused_nodes"].items()) or "nothing fused"
+    return f"{fused}; chosen model {'uses' if record.get('chosen_config_fused') else 'does not use'} it"[:500]
+
+
 def run(spec: OnnxQuantizeSpec, ctx: StepContext) -> StepOutput:
     import mlflow
     import onnx
 
     inputs = check_inputs(spec, ctx)
     working, preprocess_info, excluded = prepare_model(spec, ctx, inputs.source)
-    trials = build_all(spec, ctx, working, inputs, excluded)
+    fused, fusion_info = prepare_fused(spec, ctx, inputs, excluded)
+    trials = build_all(spec, ctx, working, inputs, excluded, fused)
     fp32_latency = measure_all(spec, ctx, inputs, trials)
     chosen = choose(spec, trials)
 
@@ -247,6 +337,10 @@ def run(spec: OnnxQuantizeSpec, ctx: StepContext) -> StepOutput:
 
     stats = node_stats(chosen.path)
     metrics = result_metrics(inputs, chosen, stats, fp32_latency, preprocess_info)
+    fusion_info["chosen_config_fused"] = bool(chosen.config.transformer_fusion)
+    metrics["transformer_fusion"] = 1.0 if chosen.config.transformer_fusion else 0.0
+    if fusion_info.get("applied"):
+        metrics.update({f"fused_nodes.{op}": float(n) for op, n in fusion_info["fused_nodes"].items()})
     if spec.mode == "search":
         metrics.update(search_metrics(trials))
     quantized = inspect_model(chosen.path, "model_uri", spec.model_uri)
@@ -263,6 +357,7 @@ def run(spec: OnnxQuantizeSpec, ctx: StepContext) -> StepOutput:
         "calibration": calibration,
         "evaluated_on": inputs.eval_data.field if inputs.eval_data is not None else None,
         "latency_settings": latency_settings(spec, inputs.latency_batch),
+        "transformer_fusion": fusion_info,
     }
     if spec.mode == "search":
         info["search"] = [{"config": t.config.name, "passed": t.passed, "latency_ms": t.latency.get("ms"),
@@ -276,6 +371,7 @@ def run(spec: OnnxQuantizeSpec, ctx: StepContext) -> StepOutput:
     report_uri = ctx.log_dict(report, "onnx_quantize_report.json")
     ctx.client.set_tag(ctx.run_id, TAG_CONFIG, chosen.config.name)
     ctx.client.set_tag(ctx.run_id, TAG_MODE, spec.mode)
+    ctx.client.set_tag(ctx.run_id, TAG_FUSION, fusion_tag(fusion_info))
     proto = onnx.load(str(chosen.path))  # with its external data, for the flavor to save as a folder
     from airflow_modelopt.container.pyfunc import onnx_signature_and_example
 
@@ -295,4 +391,4 @@ def run(spec: OnnxQuantizeSpec, ctx: StepContext) -> StepOutput:
     )
 
 
-__all__ = ["TAG_CONFIG", "TAG_MODE", "check_inputs", "run"]
+__all__ = ["TAG_CONFIG", "TAG_FUSION", "TAG_MODE", "check_inputs", "run"]

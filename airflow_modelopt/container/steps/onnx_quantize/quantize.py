@@ -17,7 +17,7 @@ from typing import Any
 from airflow_modelopt.container.steps.onnx_quantize.calibration import CalibrationReader, Dataset
 from airflow_modelopt.container.steps.onnx_quantize.model import HEAVY_OPS, OnnxModel, first_line, is_quant_op
 from airflow_modelopt.exceptions import ConversionFailed, InputError
-from airflow_modelopt.specs.onnx_quantize import SEARCH_CONFIGS, OnnxQuantizeSpec
+from airflow_modelopt.specs.onnx_quantize import FUSED_PREFIX, SEARCH_CONFIGS, OnnxQuantizeSpec
 
 _QUANT_TYPES = {"uint8": "QUInt8", "int8": "QInt8"}
 
@@ -35,6 +35,7 @@ class QuantConfig:
     activation_symmetric: bool | None = None
     calibration_method: str | None = None
     calibration_percentile: float | None = None
+    transformer_fusion: bool | None = None  # True: quantizes the transformer-fused graph
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -50,29 +51,45 @@ def config_name(method: str, quant_format: str | None, activation_type: str | No
     return name + ("_symmetric" if activation_symmetric else "")
 
 
-def configs_for(spec: OnnxQuantizeSpec) -> list[QuantConfig]:
+def fused(config: QuantConfig) -> QuantConfig:
+    """The same configuration on the transformer-fused graph."""
+    return QuantConfig(**{**asdict(config), "name": FUSED_PREFIX + config.name, "transformer_fusion": True})
+
+
+def configs_for(spec: OnnxQuantizeSpec, fuse: str | None = None) -> list[QuantConfig]:
+    """The configurations to build. ``fuse``: None (no fused graph), "dynamic" (dynamic quantization
+    runs on the fused graph; search tries each dynamic configuration fused and not) or "all" (every
+    configuration quantizes the fused graph)."""
     calib = {"calibration_method": spec.calibration_method, "calibration_percentile": spec.calibration_percentile}
     if spec.mode == "search":
         out = []
         for name in spec.configs_to_search():
             preset = dict(SEARCH_CONFIGS[name])
             method = str(preset.pop("method"))
-            out.append(QuantConfig(name=name, method=method, reduce_range=spec.reduce_range,
-                                   **preset, **(calib if method == "static" else {})))  # type: ignore[arg-type]
+            config = QuantConfig(name=name, method=method, reduce_range=spec.reduce_range,
+                                 **preset, **(calib if method == "static" else {}))  # type: ignore[arg-type]
+            if fuse == "all":
+                out.append(fused(config))
+            else:
+                out.append(config)
+                if fuse == "dynamic" and method == "dynamic":
+                    out.append(fused(config))
         return out
     if spec.mode == "dynamic":
-        return [QuantConfig(
+        config = QuantConfig(
             name=config_name("dynamic", None, None, spec.weight_type, spec.per_channel, None), method="dynamic",
             weight_type=spec.weight_type, per_channel=spec.per_channel, reduce_range=spec.reduce_range,
             weight_symmetric=spec.weight_symmetric,
-        )]
-    return [QuantConfig(
+        )
+        return [fused(config) if fuse else config]
+    config = QuantConfig(
         name=config_name("static", spec.quant_format, spec.activation_type, spec.weight_type, spec.per_channel,
                          spec.activation_symmetric),
         method="static", quant_format=spec.quant_format, activation_type=spec.activation_type,
         weight_type=spec.weight_type, per_channel=spec.per_channel, reduce_range=spec.reduce_range,
         weight_symmetric=spec.weight_symmetric, activation_symmetric=spec.activation_symmetric, **calib,
-    )]
+    )
+    return [fused(config) if fuse == "all" else config]
 
 
 @contextlib.contextmanager
@@ -190,6 +207,7 @@ def quantize(config: QuantConfig, model_path: Path, out_dir: Path, calibration: 
     )
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    cache_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / "model.onnx"
     extra: dict[str, Any] = {}
     if config.weight_symmetric is not None:
