@@ -14,7 +14,6 @@ again in time, else by the task's next try (``tracking.close_abandoned_runs``).
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import logging
@@ -23,12 +22,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from airflow_modelopt import caching
 from airflow_modelopt.container import tracking, trust
 from airflow_modelopt.container.context import StepContext, StepOutput
 from airflow_modelopt.container.steps import STEP_MODULES
 from airflow_modelopt.exceptions import ModelOptError
 from airflow_modelopt.specs import StepResult, StepSpec, parse_spec
-from airflow_modelopt.version import __version__
 
 log = logging.getLogger("airflow_modelopt.container.runner")
 
@@ -48,70 +47,29 @@ def step_module(step: str) -> Any:
 
 
 def code_digest() -> str:
-    """sha256 of the container side's source and the specs: a code change invalidates the cache in
-    local mode too, where no image digest tells versions apart."""
-    container = Path(__file__).resolve().parent
-    package = container.parent
-    h = hashlib.sha256(__version__.encode())
-    for root in (container, package / "specs"):
-        for path in sorted(root.rglob("*.py")):
-            h.update(path.relative_to(package).as_posix().encode() + path.read_bytes())
-    return h.hexdigest()
+    """sha256 of the container side's source, the specs and the key's own module (``caching.py``):
+    a code change invalidates the cache in local mode too, where no image digest tells versions apart."""
+    return caching.code_digest()
 
 
 def cache_key(spec: StepSpec, input_digests: dict[str, str]) -> str:
-    """sha256 over the step, its parameters (inputs by content, not by URI), the code and image."""
-    params = {k: v for k, v in spec.params().items() if k not in spec.input_fields}
-    try:
-        code = code_digest()
-    except OSError:
-        code = __version__
-    payload: dict[str, Any] = {
-        "step": spec.step,
-        "spec_version": spec.spec_version,
-        "params": params,
-        "inputs": input_digests,
-        "code": code,
-        "image": spec.context.image_digest or spec.context.image or f"local:{__version__}",
-    }
-    if spec.cache_per_machine:  # measurements: a result from other hardware is not this one's
-        from airflow_modelopt.container.runtimes.probe import hardware_fingerprint
-
-        payload["hardware"] = hardware_fingerprint()
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+    """sha256 over the step, its parameters (inputs by content, not by URI), the code and image
+    (``caching.cache_key``, the one the Airflow side's lookup computes too)."""
+    return caching.cache_key(spec, input_digests)
 
 
 def _tags(spec: StepSpec, key: str, parent: str | None) -> dict[str, str]:
-    ctx = spec.context
-    tags = {
-        tracking.TAG_ROLE: "step",
-        tracking.TAG_STEP: spec.step,
-        tracking.TAG_CACHE_KEY: key,
-        tracking.TAG_MODE: ctx.execution_mode,
-        tracking.TAG_TRY: str(ctx.try_number),
-        "modelopt.version": __version__,
-    }
-    optional = {
-        tracking.TAG_DAG_ID: ctx.dag_id,
-        tracking.TAG_RUN_ID: ctx.run_id,
-        tracking.TAG_TASK_ID: ctx.task_id,
-        tracking.TAG_IMAGE: ctx.image,
-        tracking.TAG_IMAGE_DIGEST: ctx.image_digest,
-        tracking.PARENT_TAG: parent,
-    }
-    tags.update({k: v for k, v in optional.items() if v})
-    return tags
+    return caching.step_tags(spec, key, parent, caching.local_code_digest())
 
 
 def run_step(step: str, raw_spec: dict[str, Any] | str) -> StepResult:
     """Validate, resolve inputs, consult the cache, run the step, and log its result."""
     started = time.monotonic()
     spec = parse_spec(step, raw_spec)
-    module = step_module(step)
     uri = tracking.configure()
     tracking.wait_for_server(uri)
     try:
-        return _run(spec, module, uri, started)
+        return _run(spec, uri, started)
     except Exception as exc:
         error = _explained(uri, exc)
         if error is exc:
@@ -127,7 +85,7 @@ def _explained(uri: str, exc: BaseException) -> BaseException:
     return exc
 
 
-def _run(spec: StepSpec, module: Any, uri: str, started: float) -> StepResult:
+def _run(spec: StepSpec, uri: str, started: float) -> StepResult:
     import mlflow
     from mlflow import MlflowClient
 
@@ -151,12 +109,15 @@ def _run(spec: StepSpec, module: Any, uri: str, started: float) -> StepResult:
         digests = {name: tracking.digest(path) for name, path in inputs.items()}
         key = cache_key(spec, digests)
         log.info("Cache key %s", key)
+        for name, value in digests.items():  # the Airflow side's lookups of later readers need no download
+            tracking.record_digest(client, getattr(spec, name), value)
 
         if spec.cacheable and not spec.context.force:
             hit = tracking.find_cached(client, experiment_id, key)
             if hit is not None:
                 return _reuse(client, spec, experiment_id, parent, key, hit, started)
 
+        module = step_module(step)  # after the cache decision: a hit never imports the step's frameworks
         run_name = spec.context.task_id or step
         run = client.create_run(experiment_id, run_name=run_name, tags=_tags(spec, key, parent))
         run_id = run.info.run_id
@@ -193,10 +154,8 @@ def _reuse(client: Any, spec: StepSpec, experiment_id: str, parent: str | None, 
 
     local = mlflow.artifacts.download_artifacts(run_id=hit.info.run_id, artifact_path=tracking.RESULT_ARTIFACT)
     original = StepResult.model_validate(json.loads(Path(local).read_text()))
-    tags = _tags(spec, key, parent) | {tracking.TAG_CACHE_HIT: "true", tracking.TAG_CACHED_FROM: hit.info.run_id}
-    if original.verdict is not None:  # the judgement reused, visible on this DAG run's own run too
-        tags[tracking.TAG_VERDICT] = "passed" if original.verdict.passed else "failed"
-    run = client.create_run(experiment_id, run_name=f"{spec.context.task_id or spec.step} (cached)", tags=tags)
+    tags = caching.reuse_tags(spec, key, parent, caching.local_code_digest(), hit.info.run_id, original, "step")
+    run = client.create_run(experiment_id, run_name=caching.reuse_run_name(spec), tags=tags)
     log.info("Cache hit: reusing MLflow run %s (cache key %s); pass force=True to rebuild", hit.info.run_id, key)
     result = original.model_copy(update={
         "mlflow_run_id": run.info.run_id, "parent_run_id": parent, "cache_hit": True,

@@ -15,7 +15,6 @@ server ends the outage and renews the budget.
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import math
 import os
@@ -26,6 +25,35 @@ import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+# The tag names, the result artifact and the content digest are shared with the Airflow side's
+# cache lookup (airflow_modelopt/caching.py); the container side's modules keep reading them here.
+from airflow_modelopt.caching import (  # noqa: F401 - re-exported for the container side
+    MLMODEL_ENV_FILES,
+    MLMODEL_VOLATILE_FIELDS,
+    PARENT_TAG,
+    RESULT_ARTIFACT,
+    TAG_CACHE_HIT,
+    TAG_CACHE_KEY,
+    TAG_CACHE_LOOKUP,
+    TAG_CACHED_FROM,
+    TAG_CODE_DIGEST,
+    TAG_DAG_ID,
+    TAG_ERROR,
+    TAG_IMAGE,
+    TAG_IMAGE_DIGEST,
+    TAG_LOGICAL_DATE,
+    TAG_MODE,
+    TAG_ROLE,
+    TAG_RUN_ID,
+    TAG_STATUS,
+    TAG_STEP,
+    TAG_TASK_ID,
+    TAG_TRY,
+    TAG_VERDICT,
+    cached_filter,
+    digest,
+    digest_record,
+)
 from airflow_modelopt.exceptions import InputError, SpecError, TrackingUnavailable
 from airflow_modelopt.uris import is_remote, split_credentials, uri_scheme
 
@@ -35,27 +63,6 @@ if TYPE_CHECKING:
     from airflow_modelopt.specs import RunContext
 
 log = logging.getLogger("airflow_modelopt.container.tracking")
-
-#: Tags that tie MLflow runs to Airflow.
-TAG_ROLE = "modelopt.role"
-TAG_DAG_ID = "airflow.dag_id"
-TAG_RUN_ID = "airflow.run_id"
-TAG_LOGICAL_DATE = "airflow.logical_date"
-TAG_TASK_ID = "airflow.task_id"
-TAG_TRY = "airflow.try_number"
-TAG_STEP = "modelopt.step"
-TAG_IMAGE = "modelopt.image"
-TAG_IMAGE_DIGEST = "modelopt.image_digest"
-TAG_CACHE_KEY = "modelopt.cache_key"
-TAG_MODE = "modelopt.execution_mode"
-TAG_STATUS = "modelopt.status"
-TAG_CACHE_HIT = "modelopt.cache_hit"
-TAG_CACHED_FROM = "modelopt.cached_from_run_id"
-TAG_ERROR = "modelopt.error"
-TAG_VERDICT = "modelopt.verdict"  # passed / failed, on runs of steps that judge (validate)
-PARENT_TAG = "mlflow.parentRunId"
-
-RESULT_ARTIFACT = "modelopt/result.json"
 
 
 def redact(uri: str) -> str:
@@ -371,53 +378,9 @@ def fetch(uri: str, dest: Path, *, field: str) -> Path:
     return path
 
 
-#: Fields of an MLflow model's ``MLmodel`` file that MLflow stamps anew on every save of the same
-#: model (time, random ids, the run and path it was logged under): a content digest leaves them out.
-MLMODEL_VOLATILE_FIELDS = ("utc_time_created", "model_uuid", "model_id", "run_id", "artifact_path")
-#: The environment files MLflow writes next to an MLmodel: inferred at save time (a timeout falls
-#: back to another list), and the environment is already in the cache key (code and image).
-MLMODEL_ENV_FILES = ("conda.yaml", "python_env.yaml", "requirements.txt", "constraints.txt")
-
 #: The external-data file of every ONNX model a step logs. Left unnamed, onnx names it with a
 #: random UUID, so the same weights saved twice made different model.onnx bytes.
 ONNX_DATA_FILE = "model.onnx.data"
-
-
-def digest(path: Path) -> str:
-    """sha256 of a file's bytes, or of a folder's relative paths and file bytes, in sorted order.
-
-    The content that makes a model: in an MLflow model folder the ``MLmodel`` file counts without
-    its volatile fields and the environment files not at all, so the same model logged twice has
-    one digest (and the steps after a rebuild hit the cache).
-    """
-    h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(
-        p for p in path.rglob("*")
-        if p.is_file() and not (p.name in MLMODEL_ENV_FILES and (p.parent / "MLmodel").is_file())
-    )
-    for f in files:
-        if path.is_dir():
-            h.update(f.relative_to(path).as_posix().encode() + b"\0")
-        if f.name == "MLmodel":
-            h.update(_stable_mlmodel(f))
-            continue
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
-def _stable_mlmodel(path: Path) -> bytes:
-    import yaml
-
-    try:
-        fields = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError):
-        return path.read_bytes()  # not an MLmodel MLflow wrote: its bytes as they are
-    if not isinstance(fields, dict):
-        return path.read_bytes()
-    stable = {k: v for k, v in fields.items() if k not in MLMODEL_VOLATILE_FIELDS}
-    return yaml.safe_dump(stable, sort_keys=True).encode()
 
 
 def log_onnx_model(proto: Any, example: Any = None, **kwargs: Any) -> Any:
@@ -442,10 +405,7 @@ def find_cached(client: MlflowClient, experiment_id: str, key: str) -> Any | Non
     """The newest finished, successful run with this cache key, if any."""
     runs = client.search_runs(
         [experiment_id],
-        filter_string=(
-            f"tags.`{TAG_CACHE_KEY}` = '{key}' and tags.`{TAG_STATUS}` = 'succeeded' "
-            f"and attributes.status = 'FINISHED'"
-        ),
+        filter_string=cached_filter(key),
         order_by=["attributes.start_time DESC"],
         max_results=5,
     )
@@ -454,3 +414,36 @@ def find_cached(client: MlflowClient, experiment_id: str, key: str) -> Any | Non
             return run
     return None
 
+
+
+def record_digest(client: MlflowClient, uri: str, value: str) -> bool:
+    """Record where ``uri``'s content lives (its FINISHED run, or its READY logged model: see
+    ``caching.digest_record``) the content digest this step computed for it, so that the Airflow
+    side's cache lookup of the steps that read it later needs no download
+    (``operators/worker_cache.py``). True when the record is there now.
+
+    Finished runs and ready models are taken as final; a digest that differs from the recorded one
+    (the artifact was overwritten) replaces it. Failures are logged, never raised: the record only
+    saves work.
+    """
+    record = digest_record(uri)
+    if record is None:
+        return False
+    kind, ident, tag = record
+    try:
+        if kind == "run":
+            run = client.get_run(ident)
+            if run.info.status != "FINISHED":
+                return False
+            if run.data.tags.get(tag) != value:
+                client.set_tag(ident, tag, value)
+            return True
+        model = client.get_logged_model(ident)
+        if str(getattr(model.status, "name", model.status)).upper() not in ("READY", "LOGGED_MODEL_READY"):
+            return False
+        if (model.tags or {}).get(tag) != value:
+            client.set_logged_model_tags(ident, {tag: value})
+        return True
+    except Exception as exc:  # noqa: BLE001 - no permission on that run, or it is gone: no harm
+        log.info("could not record the digest of %s: %s", uri, exc)
+        return False

@@ -13,79 +13,22 @@ the same interpreter, so imports, allocator and runtime are what a serving proce
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import platform
 import resource
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from airflow_modelopt import caching
+
 # -- what the numbers were measured on ---------------------------------------------------------
 
 
-def hardware_fingerprint() -> dict[str, str]:
-    """CPU model, core counts, memory and machine: what the numbers were measured on."""
-    cpu_model, cores = "", set()
-    physical_id = core_id = None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = (part.strip() for part in line.partition(":"))
-            if key == "model name" and not cpu_model:
-                cpu_model = value
-            elif key == "physical id":
-                physical_id = value
-            elif key == "core id":
-                core_id = value
-            elif not key and physical_id is not None and core_id is not None:
-                cores.add((physical_id, core_id))
-                physical_id = core_id = None
-        if physical_id is not None and core_id is not None:
-            cores.add((physical_id, core_id))
-    except OSError:
-        pass
-    memory = ""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                memory = f"{int(line.split()[1]) / 1024 / 1024:.1f}"
-    except (OSError, ValueError):
-        pass
-    logical = os.cpu_count() or 0
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        usable = logical
-    facts = {
-        "cpu_model": cpu_model or platform.processor() or platform.machine(),
-        "physical_cores": str(len(cores) or logical),
-        "logical_cpus": str(logical),
-        "usable_cpus": str(usable),
-        "memory_gib": memory,
-        "machine": platform.machine(),
-        "system": f"{platform.system()} {platform.release()}",
-    }
-    gpu = _gpu_names()
-    if gpu:
-        facts["gpu"] = gpu
-    facts["fingerprint"] = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
-    return facts
-
-
-def _gpu_names() -> str:
-    if shutil.which("nvidia-smi") is None:
-        return ""
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=20)
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    return ", ".join(line.strip() for line in out.stdout.splitlines() if line.strip()) if out.returncode == 0 else ""
-
+# One definition for both sides: the Airflow side computes cache keys of measuring steps with it.
+hardware_fingerprint = caching.hardware_fingerprint
+_gpu_names = caching.gpu_names
 
 
 @dataclass
