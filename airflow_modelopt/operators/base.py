@@ -19,6 +19,7 @@ from pydantic import TypeAdapter, ValidationError
 from airflow_modelopt import config
 from airflow_modelopt.exceptions import SpecError
 from airflow_modelopt.hooks.mlflow import MlflowHook, TrackingConfig
+from airflow_modelopt.operators import worker_cache
 from airflow_modelopt.operators.launchers import LAUNCHERS, Launcher, LaunchRequest, TrackingUnavailableError
 from airflow_modelopt.operators.links import LINKS_ATTR, MlflowRegisteredModelLink, MlflowRunLink, step_links, ui_base
 from airflow_modelopt.specs import RunContext, StepResult, StepSpec, format_validation_error
@@ -270,7 +271,9 @@ class ModelOptOperator(BaseOperator):
             "Running step %s in %s mode; MLflow: %s (%s)", spec.step, mode, tracking.tracking_uri, tracking.source
         )
         self._launcher = LAUNCHERS[mode](self.launch_request(spec, tracking), self.log)
-        result: StepResult = self._launcher.launch(context)
+        result = self._worker_cache_hit(spec, tracking, self._launcher)
+        if result is None:
+            result = self._launcher.launch(context)
         self.log.info(
             "Step %s %s: MLflow run %s, cache key %s", spec.step,
             "reused a cached run" if result.cache_hit else "finished", result.mlflow_run_id, result.cache_key[:16],
@@ -282,6 +285,30 @@ class ModelOptOperator(BaseOperator):
         output = result.model_dump(mode="json")
         setattr(self, LINKS_ATTR, step_links(ui_base(tracking.tracking_uri, self._ui_url()), output))
         return output
+
+    def _worker_cache_hit(self, spec: StepSpec, tracking: TrackingConfig, launcher: Launcher) -> StepResult | None:
+        """The cached result, found and recorded on this worker without starting a step process;
+        None (the step is launched and decides) whenever that cannot be done for certain."""
+        if not spec.cacheable or spec.context.force:
+            return None
+        known = launcher.known_image()
+        if known is None:
+            self.log.info("Cache lookup on the worker skipped: the %s image's content is not known before it "
+                          "runs; the step looks itself", spec.context.execution_mode)
+            return None
+        image, digest = known
+        if image is not None:
+            spec = spec.model_copy(update={"context": spec.context.model_copy(
+                update={"image": image, "image_digest": digest})})
+        python = getattr(launcher, "python", None)
+        try:
+            cache = worker_cache.WorkerCache(worker_cache.MlflowRest(tracking), self.log)
+            return cache.lookup(spec, python=python() if callable(python) else None)
+        except worker_cache.Uncertain as exc:
+            self.log.info("Cache lookup on the worker: %s; starting the step", exc)
+        except Exception as exc:  # noqa: BLE001 - the lookup only saves work: the step does it right
+            self.log.warning("Cache lookup on the worker failed (%s: %s); starting the step", type(exc).__name__, exc)
+        return None
 
     def _ui_url(self) -> str | None:
         """The MLflow UI people reach (connection extra ``ui_url``), when it differs from the tracking URI."""

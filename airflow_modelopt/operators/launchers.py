@@ -161,6 +161,11 @@ class Launcher:
     def kill(self) -> None:
         """Stop the running step (Airflow calls this when the task is killed)."""
 
+    def known_image(self) -> tuple[str | None, str | None] | None:
+        """The image and its content digest the step would run in, as its cache key names them,
+        when they can be known without starting or pulling anything; None when they cannot."""
+        return None
+
 
 class LocalLauncher(Launcher):
     """A subprocess running the same entry point, in the worker's Python or a configured one."""
@@ -173,6 +178,9 @@ class LocalLauncher(Launcher):
 
     def python(self) -> str:
         return self.request.python or config.get("local_python") or sys.executable
+
+    def known_image(self) -> tuple[str | None, str | None]:
+        return None, None
 
     def launch(self, context: Context) -> StepResult:
         spec, tracking = self.request.spec, self.request.tracking
@@ -291,6 +299,18 @@ class DockerLauncher(Launcher):
                 ) from None
         repo_digests = info.get("RepoDigests") or []
         return repo_digests[0].split("@", 1)[-1] if repo_digests else info["Id"]
+
+    def known_image(self) -> tuple[str | None, str | None] | None:
+        """The image and the digest ``launch`` would find, if the engine has the image (no pull)."""
+        image = self.request.resolved_image()
+        try:
+            hook = self.build_operator(self.request.spec_for_image(image)).hook
+            info = hook.api_client.inspect_image(image)
+        except Exception as exc:  # noqa: BLE001 - absent image, engine down: launch() says what is wrong
+            self.log.info("Image %s not inspected before launch: %s", image, exc)
+            return None
+        repo_digests = info.get("RepoDigests") or []
+        return image, (repo_digests[0].split("@", 1)[-1] if repo_digests else info["Id"])
 
     def build_operator(self, spec: StepSpec | None = None) -> Any:
         """The DockerOperator that runs ``spec`` (default: the request's, its image filled in)."""

@@ -1,0 +1,106 @@
+"""The worker-side cache lookup's parts that need no server: the key is the step's own, the digest
+scheme is pinned (recorded digests name it), only immutable URIs have a digest record, and every
+case the worker cannot decide for certain launches the step (quickly, without failing the task)."""
+
+from __future__ import annotations
+
+import hashlib
+from types import SimpleNamespace
+
+import pytest
+
+from airflow_modelopt import caching
+from airflow_modelopt.operators import launchers, worker_cache
+from airflow_modelopt.operators.torch_to_onnx import TorchToOnnxOperator
+from airflow_modelopt.specs import parse_spec
+
+
+def test_digest_scheme_is_pinned(tmp_path):
+    """A change to ``caching.digest`` that changes this value must bump ``DIGEST_SCHEME``: digests
+    recorded by older code would otherwise be read as the new scheme's."""
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "MLmodel").write_text("flavors:\n  onnx: {data: model.onnx}\nrun_id: abc\nutc_time_created: x\n")
+    (model / "model.onnx").write_bytes(b"ONNXBYTES")
+    (model / "conda.yaml").write_text("deps")
+    assert caching.DIGEST_SCHEME == "v1"
+    assert caching.digest(model) == "c95dea8dc99d36c5b38cfe248e42c0050741413b9845b82e717efd98f54d169a"
+    assert caching.digest(model / "model.onnx") == hashlib.sha256(b"ONNXBYTES").hexdigest()
+
+
+@pytest.mark.parametrize(("uri", "expected"), [
+    ("runs:/abc/model/model.pt2", ("run", "abc", "modelopt.digest.v1/model/model.pt2")),
+    ("runs:/abc/onnx_model/", ("run", "abc", "modelopt.digest.v1/onnx_model")),
+    ("models:/m-0123abcd", ("model", "m-0123abcd", "modelopt.digest.v1")),
+    ("runs:/abc", None), ("runs:/abc/../x", None), ("models:/digits/3", None), ("models:/digits@champion", None),
+    ("s3://bucket/model.onnx", None), ("/data/model.pt2", None), ("mlflow-artifacts:/1/abc/artifacts/m", None),
+])
+def test_only_immutable_mlflow_uris_have_a_digest_record(uri, expected):
+    assert caching.digest_record(uri) == expected
+
+
+def test_worker_and_step_compute_one_key():
+    from airflow_modelopt.container import runner
+
+    spec = parse_spec("validate", {"reference_uri": "/r.pt2", "candidate_uri": "/c.onnx", "data_uri": "/d.npz",
+                                   "context": {"experiment_name": "e", "task_id": "t", "try_number": 3}})
+    digests = {"reference_uri": "1" * 64, "candidate_uri": "2" * 64, "data_uri": "3" * 64}
+    assert caching.cache_key(spec, digests, code=worker_cache.local_code_digest()) == runner.cache_key(spec, digests)
+    bench = parse_spec("benchmark", {"model_uri": "/m.onnx", "model_format": "onnx"})
+    assert caching.cache_key(bench, {}, code=worker_cache.local_code_digest()) == runner.cache_key(bench, {})
+    # The URIs are not in the key, the content is; the try number is not either.
+    other = spec.model_copy(update={"reference_uri": "/elsewhere.pt2", "context": spec.context.model_copy(
+        update={"try_number": 1})})
+    assert runner.cache_key(other, digests) == runner.cache_key(spec, digests)
+
+
+class _Hook:
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+
+    def tracking_config(self):
+        from airflow_modelopt.hooks.mlflow import TrackingConfig
+
+        return TrackingConfig(self.uri, {"MLFLOW_TRACKING_URI": self.uri})
+
+    def get_connection(self, conn_id):
+        raise LookupError(conn_id)
+
+
+@pytest.mark.parametrize(("mode", "uri", "force", "said"), [
+    ("local", "http://127.0.0.1:1", False, "MLflow did not answer"),
+    ("local", "sqlite:////tmp/none.db", False, "not an HTTP server"),
+    ("kubernetes", "http://127.0.0.1:1", False, "not known before it runs"),
+    ("local", "http://127.0.0.1:1", True, None),
+])
+def test_whatever_the_worker_cannot_decide_launches_the_step(monkeypatch, mode, uri, force, said):
+    launched, lines = [], []
+
+    class Recorder(launchers.Launcher):
+        def launch(self, context):
+            launched.append(self.request.spec.step)
+            raise RuntimeError("launched")
+
+        def known_image(self):
+            return (None, None) if mode == "local" else None
+
+    monkeypatch.setitem(launchers.LAUNCHERS, mode, Recorder)
+    op = TorchToOnnxOperator(task_id="export", model_uri="/m.pt2", input_shapes={"x": [1, 4]}, execution_mode=mode,
+                             force=force, retries=0)
+    op.__dict__["mlflow_hook"] = _Hook(uri)
+    monkeypatch.setattr(TorchToOnnxOperator, "log", property(lambda self: SimpleNamespace(
+        info=lambda msg, *a: lines.append(msg % a), warning=lambda msg, *a: lines.append(msg % a))))
+    with pytest.raises(RuntimeError, match="launched"):
+        op.execute({"ti": SimpleNamespace(try_number=1, dag_id="d", run_id="r")})
+    assert launched == ["torch_to_onnx"]
+    worker_lines = [line for line in lines if "Cache lookup on the worker" in line]
+    if said is None:
+        assert not worker_lines, worker_lines
+    else:
+        assert worker_lines and said in worker_lines[0], lines
+
+
+def test_the_worker_hashes_the_code_the_step_hashes():
+    from airflow_modelopt.container import runner
+
+    assert worker_cache.local_code_digest() == worker_cache.local_code_digest() == runner.code_digest()
