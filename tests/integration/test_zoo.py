@@ -6,7 +6,8 @@ matrix (``scripts/coverage_matrix.py``, ``docs/coverage.md``).
   top-1 agreeing with PyTorch on >= 99% of the eval split, at a batch size the export never saw.
 - Representative cells through the real steps against a real MLflow server (local mode): the
   two-input / two-output model through torch_to_onnx, onnx_quantize (static int8) and tflite_quantize
-  (full int8), and the GRU through tflite_quantize int8 (a clear error naming op and converter).
+  (full int8), the GRU through tflite_quantize int8 (a clear error naming op and converter), and MNN
+  on a residual CNN, an LSTM and a dynamic sequence length.
 """
 
 from __future__ import annotations
@@ -126,6 +127,8 @@ def _export(t: dict[str, Any], server: MlflowServer, tmp: Path, experiment: str)
     cal = _save(tmp / "cal.npz", entry.inputs(data["calibration"]))
     spec = {"model_uri": str(t["pt2"]), "data_uri": ev, "output_names": list(entry.output_names),
             "context": {"experiment_name": experiment}}
+    if entry.dynamic_axes:  # as the coverage matrix exports it
+        spec["dynamic_axes"] = {k: {str(a): n for a, n in v.items()} for k, v in entry.dynamic_axes.items()}
     run = run_step("torch_to_onnx", spec, server.env())
     assert run.returncode == 0, run.output[-3000:]
     return run.result, ev, cal
@@ -198,14 +201,15 @@ def test_lstm_openvino_int8_keeps_the_lstm_in_floating_point(trained, mlflow_ser
     assert run.result["metrics"]["top1_agreement"] >= 0.97, run.result["metrics"]
 
 
-def test_mnn_on_a_residual_cnn_a_gru_and_token_ids(trained, mlflow_server, tmp_path):
+def test_mnn_on_a_residual_cnn_an_lstm_a_dynamic_sequence_and_token_ids(trained, mlflow_server, tmp_path):
     """MNN's full int8 with ADMM feature calibration (the default) on the ResNet-style model, where
-    MNN 3.6's KL calibration crashed (SIGSEGV); the GRU's int8 MNN model does not run at all, which the
-    step reports as a failed conversion naming the format (exit 5), not a traceback."""
+    MNN 3.6's KL calibration crashed (SIGSEGV). The LSTM converts with MNN's own RNN kernels: the
+    converter's default While-loop rewrite crashed on it (SIGBUS), and the GRU's int8 model from that
+    rewrite ran nothing. The 1-D conv net's dynamic sequence length, stored as -1 in the .mnn file,
+    loads and runs at lengths the export never saw (it failed to load: "negative dimensions")."""
     pytest.importorskip("MNN")
     t = trained["resnet"]
     (tmp_path / "resnet").mkdir()
-    (tmp_path / "gru").mkdir()
     exported, ev, cal = _export(t, mlflow_server, tmp_path / "resnet", "tests-zoo")
     spec = {"model_uri": exported["artifacts"]["onnx_model"], "precision": "int8", "calibration_data_uri": cal,
             "eval_data_uri": ev, "context": {"experiment_name": "tests-zoo"}}
@@ -214,13 +218,30 @@ def test_mnn_on_a_residual_cnn_a_gru_and_token_ids(trained, mlflow_server, tmp_p
     assert run.result["info"]["quantization"]["feature_quantize_method"] == "ADMM"
     assert run.result["metrics"]["top1_agreement"] >= 0.97 and run.result["metrics"]["size_ratio"] < 0.35
 
-    g = trained["gru"]
-    exported, ev, cal = _export(g, mlflow_server, tmp_path / "gru", "tests-zoo")
+    lstm = trained["lstm"]
+    (tmp_path / "lstm").mkdir()
+    exported, ev, cal = _export(lstm, mlflow_server, tmp_path / "lstm", "tests-zoo")
     run = run_step("mnn_convert", {**spec, "model_uri": exported["artifacts"]["onnx_model"], "calibration_data_uri": cal,
                                    "eval_data_uri": ev}, mlflow_server.env())
-    assert run.returncode == 5, run.output[-3000:]
-    error = run.error
-    assert "the mnn model does not run" in error, error
+    assert run.returncode == 0, run.output[-3000:]
+    assert "--useOriginRNNImpl" in run.result["info"]["converter_options"]
+    assert run.result["metrics"]["top1_agreement"] >= 0.99, run.result["metrics"]
+
+    seq = trained["dynamic_seq"]
+    (tmp_path / "seq").mkdir()
+    exported, ev, _ = _export(seq, mlflow_server, tmp_path / "seq", "tests-zoo")
+    run = run_step("mnn_convert", {"model_uri": exported["artifacts"]["onnx_model"], "eval_data_uri": ev,
+                                   "context": {"experiment_name": "tests-zoo"}}, mlflow_server.env())
+    assert run.returncode == 0, run.output[-3000:]
+    assert run.result["metrics"]["top1_agreement"] >= 0.99, run.result["metrics"]
+    from airflow_modelopt.container.runtimes import load
+
+    folder = _download(run.result["artifacts"]["mnn_model"], mlflow_server, tmp_path / "seq-mnn")
+    x = seq["data"]["eval"]["x"][:3]
+    with load(folder, threads=1) as runtime:
+        for length in (x.shape[2], x.shape[2] + 5):
+            longer = np.concatenate([x, x], axis=2)[:, :, :length]
+            assert runtime.run({"x": longer})[0].shape == (3, 10)
 
     # Token ids are int64 in PyTorch and ONNX; MNN's converter stores the input as int32 and the
     # runtimes layer feeds it so (it refused int64 before).

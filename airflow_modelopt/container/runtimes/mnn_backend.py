@@ -27,10 +27,26 @@ from airflow_modelopt.container.signature import ModelSignature, TensorSpec
 PRECISION = "high"
 
 
-def _specs(tensors: dict[str, object]) -> list[TensorSpec]:
-    return [TensorSpec(name=name, shape=[int(d) for d in t.getShape()],  # type: ignore[attr-defined]
+def _specs(tensors: dict[str, object], shapes: dict[str, list[int | str]] | None = None) -> list[TensorSpec]:
+    return [TensorSpec(name=name, shape=(shapes or {}).get(name) or [int(d) for d in t.getShape()],  # type: ignore[attr-defined]
                        dtype=np.dtype(t.getNumpyData().dtype).name)  # type: ignore[attr-defined]
             for name, t in tensors.items()]
+
+
+def _native_specs(interpreter: object, session: object) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """The file's input and output tensors. A dimension the source left dynamic (a sequence length)
+    is stored as -1, and MNN cannot allocate such a tensor to tell its dtype: those inputs are
+    resized to 1 there first, and the dimension is reported by name (``dim2``), as dynamic."""
+    inputs = interpreter.getSessionInputAll(session)  # type: ignore[attr-defined]
+    shapes: dict[str, list[int | str]] = {}
+    for name, t in inputs.items():
+        dims = [int(d) for d in t.getShape()]
+        if any(d < 0 for d in dims):
+            shapes[name] = [d if d >= 0 else f"dim{k}" for k, d in enumerate(dims)]
+            interpreter.resizeTensor(t, tuple(max(d, 1) for d in dims))  # type: ignore[attr-defined]
+    if shapes:
+        interpreter.resizeSession(session)  # type: ignore[attr-defined]
+    return _specs(inputs, shapes), _specs(interpreter.getSessionOutputAll(session))  # type: ignore[attr-defined]
 
 
 class MNNRuntime(Runtime):
@@ -43,8 +59,7 @@ class MNNRuntime(Runtime):
         super().__init__(path, threads=threads, signature=signature, origin=origin)
         interpreter = MNN.Interpreter(str(path))
         session = interpreter.createSession({"numThread": threads, "precision": PRECISION})
-        native_in = _specs(interpreter.getSessionInputAll(session))
-        native_out = _specs(interpreter.getSessionOutputAll(session))
+        native_in, native_out = _native_specs(interpreter, session)
         del session, interpreter
         if signature is not None:  # the file fixes the batch; the source's record knows better
             self.unknown_shapes = {s.name for s in native_in + native_out}

@@ -98,6 +98,21 @@ def quantize(fp32: Path, out: Path, feeds: dict[str, np.ndarray], source: Source
     return {"calibration_samples": n, "quantize_time_s": seconds, "config": config}
 
 
+#: ONNX recurrent ops. MNN's converter rewrites them into a ``While`` loop by default, which crashes
+#: on torch's LSTM export (SIGBUS/SIGSEGV in MNN 3.6) and whose int8 model stops at "Compute Shape
+#: Error" on a GRU; MNN's own RNN kernels (``--useOriginRNNImpl``) convert, run and quantize both.
+RECURRENT_OPS = frozenset({"LSTM", "GRU", "RNN"})
+
+
+def recurrent_ops(source: Source) -> list[str]:
+    """The recurrent op types in the ONNX source's main graph (weights are not read)."""
+    import onnx
+
+    model_file = source.path / "model.onnx" if source.path.is_dir() else source.path
+    graph = onnx.load(str(model_file), load_external_data=False).graph
+    return sorted({node.op_type for node in graph.node} & RECURRENT_OPS)
+
+
 def run(spec: MNNConvertSpec, ctx: StepContext) -> StepOutput:
     model_path = ctx.input("model_uri")
     assert model_path is not None
@@ -110,6 +125,10 @@ def run(spec: MNNConvertSpec, ctx: StepContext) -> StepOutput:
     target = folder / MODEL_FILE
     converted = ctx.workdir / "fp32.mnn" if spec.precision == "int8" else target
     options = {"fp16": ["--fp16"], "int8_weights": ["--weightQuantBits", "8"]}.get(spec.precision, [])
+    recurrent = recurrent_ops(source)
+    if recurrent:
+        ctx.log.info("MNN: %s ops convert to MNN's own RNN kernels (--useOriginRNNImpl), not a While loop", recurrent)
+        options = [*options, "--useOriginRNNImpl"]
     args = ["-f", "ONNX", "--modelFile", str(source.path), "--MNNModel", str(converted), "--bizCode", "airflow-modelopt",
             *options]
     metrics: dict[str, float] = {"conversion_time_s": run_tool("mnnconvert", args, converted, spec.precision, ctx)}
@@ -140,4 +159,5 @@ def run(spec: MNNConvertSpec, ctx: StepContext) -> StepOutput:
     return StepOutput(artifacts=artifacts, metrics=metrics, info=info)
 
 
-__all__ = ["ARTIFACT", "MODEL_FILE", "calibration_folder", "quantize", "run", "run_tool"]
+__all__ = ["ARTIFACT", "MODEL_FILE", "RECURRENT_OPS", "calibration_folder", "quantize", "recurrent_ops", "run",
+           "run_tool"]
