@@ -14,7 +14,18 @@ throw-away local MLflow store:
   are scikit-learn's digits upscaled to 224x224 (shipped with scikit-learn: no download, and
   real images rather than noise for calibration).
 
+* ``bert``: the zoo's BERT-tiny-shaped encoder at BERT-tiny's width (d 128, 2 heads, 2 layers,
+  sequence 128), trained for ``--bert-epochs`` on the digits as 128 tokens (pixel intensities by
+  rows, then by columns), exported with the dynamo exporter. Searched over the static default and
+  dynamic int8; with ``optimize_transformer`` at its default (auto) every dynamic configuration is
+  also tried on the transformer-fused graph (``fused_*``: Attention, SkipLayerNormalization, BiasGelu),
+  gated on at most 1 point of accuracy drop (issue 11).
+
     .venv/bin/python scripts/bench_onnx_quantize.py --threads 2 --models digits resnet18
+    .venv/bin/python scripts/bench_onnx_quantize.py --models resnet18 bert --threads 2 --batch 1 --profile
+
+``--profile`` prints ONNX Runtime's per-op profile (``SessionOptions.enable_profiling``) of fp32 and
+the chosen int8 model side by side: where the time goes (issue 12 item 2).
 
 Prints the Markdown table the step logs (``search/search_results.md``) for each model. With
 ``--benchmark``, the ``benchmark`` step then times the chosen model (the file the search logged) and
@@ -27,12 +38,15 @@ are printed beside the benchmark's p50 (issue 12: they should agree within 15%):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from _bench_common import (
     digit_images,
+    download,
     reestimate_batchnorm,
     residual_cnn,
     resnet18,
@@ -45,6 +59,8 @@ from _bench_common import (
 from airflow_modelopt.specs.onnx_quantize import SEARCH_CONFIGS
 
 ALL_CONFIGS = list(SEARCH_CONFIGS)
+#: BERT's search: the static default, and dynamic int8 (tried on the transformer-fused graph too).
+BERT_CONFIGS = ["qdq_u8s8_per_channel", "dynamic_u8_per_tensor", "dynamic_s8_per_channel"]
 
 
 def build_resnet(out: Path, calibration: int, evaluation: int) -> tuple[Path, Path, Path]:
@@ -78,6 +94,90 @@ def build_residual(out: Path, calibration: int, evaluation: int) -> tuple[Path, 
             save_npz(out / "residual_eval.npz", x[calibration:]))
 
 
+def bert_tokens(images: np.ndarray) -> np.ndarray:
+    """(N, 8, 8) digits in [0, 1] -> (N, 128) token ids 0..16: the pixel intensities row by row, then
+    column by column (the zoo's ``tokens`` data, long enough for a sequence of 128)."""
+    rows = np.rint(images * 16).astype(np.int64)
+    return np.concatenate([rows.reshape(len(rows), 64), rows.transpose(0, 2, 1).reshape(len(rows), 64)], axis=1)
+
+
+def build_bert(out: Path, epochs: int) -> tuple[Path, Path, Path]:
+    """The zoo's BERT-tiny-shaped encoder at BERT-tiny's width (d 128, 2 heads, 2 layers, sequence 128),
+    trained on scikit-learn's digits as tokens (so accuracy means something), exported with the
+    torch.onnx dynamo exporter as the torch_to_onnx step exports."""
+    from airflow_modelopt.container.examples.zoo import ZOO, BertTiny, splits
+
+    entry = ZOO["bert_tiny"]
+    parts = {k: {"x": bert_tokens(v["x"].reshape(-1, 8, 8)), "y": v["y"]} for k, v in splits("image").items()}
+    onnx_dir = out / "bert"
+    if (onnx_dir / "model.onnx").is_file():  # built before in this --workdir
+        return onnx_dir, out / "bert_calibration.npz", out / "bert_eval.npz"
+    torch.manual_seed(0)
+    model = BertTiny(seq=128, d=128, heads=2, layers=2)
+    trainer = dataclasses.replace(entry, factory=lambda: model, epochs=epochs)
+    trainer.train(model, parts["train"])
+    onnx_dir.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(model.eval(), (torch.from_numpy(parts["calibration"]["x"][:2]),), str(onnx_dir / "model.onnx"),
+                      input_names=["x"], output_names=["logits"],
+                      dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}}, opset_version=18, dynamo=True,
+                      external_data=True)
+    return (onnx_dir, save_npz(out / "bert_calibration.npz", parts["calibration"]["x"][:64]),
+            save_npz(out / "bert_eval.npz", parts["eval"]["x"], parts["eval"]["y"]))
+
+
+def op_profile(model: Path, feed: dict[str, np.ndarray], threads: int, runs: int) -> tuple[dict[str, tuple[float, int]], float]:
+    """ONNX Runtime's own per-op profile (SessionOptions.enable_profiling) of ``runs`` runs after 10
+    untimed ones, sessions set up as the runtimes layer sets them up: {op type: (ms per run, nodes)},
+    and the summed kernel time per run. Profiling adds overhead to every kernel: read the shares."""
+    import json
+    import os
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.enable_profiling = True
+    options.profile_file_prefix = str(model.parent / "ort_profile")
+    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    for _ in range(10 + runs):
+        session.run(None, feed)
+    trace = session.end_profiling()
+    events = json.loads(Path(trace).read_text())
+    os.unlink(trace)
+    run_starts = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
+    cutoff = run_starts[10] if len(run_starts) > 10 else 0
+    total: dict[str, float] = {}
+    nodes: dict[str, set[str]] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= cutoff:
+            op = e["args"]["op_name"]
+            total[op] = total.get(op, 0.0) + e["dur"]
+            nodes.setdefault(op, set()).add(e["name"])
+    per_run = {op: (us / runs / 1000, len(nodes[op])) for op, us in sorted(total.items(), key=lambda kv: -kv[1])}
+    return per_run, sum(ms for ms, _ in per_run.values())
+
+
+def profile_table(profiles: dict[str, tuple[dict[str, tuple[float, int]], float]], top: int = 12) -> str:
+    """Markdown: the top ops by time of each model side by side (ms per run, share, node count)."""
+    names = list(profiles)
+    ops: list[str] = []
+    for name in names:
+        ops += [op for op in list(profiles[name][0])[:top] if op not in ops]
+    lines = ["| op type | " + " | ".join(f"{n} ms (share, nodes)" for n in names) + " |",
+             "| --- |" + " ---: |" * len(names)]
+    for op in ops:
+        cells = []
+        for name in names:
+            per_op, total = profiles[name]
+            ms, count = per_op.get(op, (0.0, 0))
+            cells.append(f"{ms:.3f} ({ms / total:.0%}, {count})" if count else "")
+        lines.append(f"| {op} | " + " | ".join(cells) + " |")
+    lines.append("| **kernel total** | " + " | ".join(f"**{profiles[n][1]:.3f}**" for n in names) + " |")
+    return "\n".join(lines)
+
+
 def benchmark_p50(model_uri: str, data: str, args: argparse.Namespace, env: dict[str, str]) -> float:
     """The benchmark step's p50 for one model, with the search's threads, batch and runs."""
     result = run_step("benchmark", {"model_uri": model_uri, "data_uri": data, "batch_sizes": [args.batch],
@@ -89,7 +189,7 @@ def benchmark_p50(model_uri: str, data: str, args: argparse.Namespace, env: dict
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", choices=["digits", "residual", "resnet18"],
+    parser.add_argument("--models", nargs="+", choices=["digits", "residual", "resnet18", "bert"],
                         default=["digits", "resnet18"])
     parser.add_argument("--threads", type=int, default=2, help="ORT intra-op threads (default 2)")
     parser.add_argument("--batch", type=int, default=1, help="latency batch size (default 1)")
@@ -106,6 +206,14 @@ def main() -> int:
                              "int8 rounding flips more argmaxes than on a trained model (default 0.8)")
     parser.add_argument("--residual-min-agreement", type=float, default=0.5,
                         help="the residual CNN's top-1 agreement gate (random weights; default 0.5)")
+    parser.add_argument("--bert-epochs", type=int, default=6, help="training epochs of the BERT-tiny encoder")
+    parser.add_argument("--bert-configs", nargs="+", default=BERT_CONFIGS, choices=ALL_CONFIGS,
+                        help="BERT's search configurations (each dynamic one is also tried on the fused graph)")
+    parser.add_argument("--bert-max-accuracy-drop", type=float, default=0.01,
+                        help="BERT's gate: accuracy drop on the labelled eval split (default 1 point)")
+    parser.add_argument("--profile", action="store_true",
+                        help="print ONNX Runtime's per-op profile of fp32 and the chosen int8 model")
+    parser.add_argument("--profile-runs", type=int, default=30)
     parser.add_argument("--benchmark", action="store_true",
                         help="time the chosen model and fp32 with the benchmark step too, and compare")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the MLflow store here (default: temp)")
@@ -138,8 +246,14 @@ def main() -> int:
             targets.append(("ResNet-18-shaped CNN (random weights), 3x224x224",
                             {"model_uri": str(model_dir), "calibration_data_uri": str(cal), "eval_data_uri": str(ev),
                              "min_top1_agreement": args.resnet_min_agreement}))
+        if "bert" in args.models:
+            model_dir, cal, ev = build_bert(work, args.bert_epochs)
+            targets.append(("BERT-tiny-shaped encoder (d 128, 2 heads, 2 layers, sequence 128; trained on digits as "
+                            "tokens)", {"model_uri": str(model_dir), "calibration_data_uri": str(cal),
+                                        "eval_data_uri": str(ev), "search_configs": args.bert_configs,
+                                        "max_accuracy_drop": args.bert_max_accuracy_drop}))
         for title, spec in targets:
-            result = run_step("onnx_quantize", {**spec, **common}, env)
+            result = run_step("onnx_quantize", {**common, **spec}, env)
             import mlflow
 
             mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
@@ -149,6 +263,16 @@ def main() -> int:
             m = result["metrics"]
             print(f"chosen: {result['info']['chosen_config']} ({m['int8_latency_ms']:.3f} ms vs fp32 "
                   f"{m['fp32_latency_ms']:.3f} ms, size ratio {m['size_ratio']:.3f}, gate {result['info']['gates']})")
+            print(f"transformer fusion: {result['info']['transformer_fusion']}")
+            if args.profile:
+                chosen = download(result["artifacts"]["onnx_model"], work / "chosen" / title[:8]) / "model.onnx"
+                source = Path(spec["model_uri"]) / "model.onnx"
+                feed = {"x": np.load(spec["calibration_data_uri"])["x"][: args.batch]}
+                profiles = {"fp32": op_profile(source, feed, args.threads, args.profile_runs),
+                            result["info"]["chosen_config"]: op_profile(chosen, feed, args.threads, args.profile_runs)}
+                print(f"\nONNX Runtime per-op profile (enable_profiling; {args.profile_runs} runs after 10, batch "
+                      f"{args.batch}, {args.threads} threads; kernel time per run):\n")
+                print(profile_table(profiles))
             if args.benchmark:
                 data = spec["calibration_data_uri"]
                 int8 = benchmark_p50(result["artifacts"]["onnx_model"], data, args, env)
