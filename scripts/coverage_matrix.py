@@ -40,6 +40,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from airflow_modelopt.container.examples.zoo import ZOO, ZooModel  # noqa: E402
+from airflow_modelopt.targets import builds  # noqa: E402
 
 #: target -> chain of (step, spec fields, artifact read by the next step / the candidate); "{pt2}",
 #: "{cal}", "{eval}", "{train}" are filled per model. The first link of ONNX chains is the export.
@@ -50,9 +51,8 @@ CHAINS: dict[str, tuple[tuple[str, dict[str, Any], str], ...]] = {
     "onnx_int8_static": (EXPORT, ("onnx_quantize", {"mode": "static", "calibration_data_uri": "{cal}"}, "onnx_model")),
     "tflite_fp16": (EXPORT, ("tflite_quantize", {"mode": "fp16"}, "tflite_model")),
     "tflite_int8": (EXPORT, ("tflite_quantize", {"mode": "int8", "calibration_data_uri": "{cal}"}, "tflite_model")),
-    "pruned_onnx_int8": (("prune", {"method": "structured", "sparsity": 0.5, "fine_tune_epochs": 3,
-                                    "learning_rate": 0.003, "train_data_uri": "{train}", "eval_data_uri": "{eval}"},
-                          "model_pt2"),
+    # the pipeline's own prune build (50% channels, its fine-tune schedule), on the zoo model's splits
+    "pruned_onnx_int8": (("prune", dict(builds()["prune"].kwargs), "model_pt2"),
                          EXPORT, ("onnx_quantize", {"mode": "static", "calibration_data_uri": "{cal}"}, "onnx_model")),
     "torch_int8": (("torch_quantize", {"mode": "static", "calibration_data_uri": "{cal}", "export_onnx": False},
                     "model_pt2"),),
