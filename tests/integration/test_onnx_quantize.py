@@ -146,6 +146,9 @@ def test_search_logs_every_configuration_and_keeps_the_fastest_that_passes(
 
     run_info = mlflow_server.client().get_run(result["mlflow_run_id"])
     assert run_info.data.tags["modelopt.onnx_quantize.config"] == chosen
+    # a CNN has no attention: no fused configurations were added (list(tried) == configs above)
+    assert run_info.data.tags["modelopt.onnx_quantize.transformer_fusion"] == (
+        "not applied: no attention in the graph (auto)")
     assert run_info.data.metrics[f"search.{chosen}.latency_ms"] == pytest.approx(tried[chosen]["latency_ms"])
 
 
@@ -223,3 +226,85 @@ def test_bad_calibration_input_exits_2_naming_the_input_and_logs_nothing_success
     assert all(r.info.status == "FAILED" for r in runs)
     assert re.search(BAD_INPUT[case], runs[0].data.tags["modelopt.error"])
     assert client.search_logged_models(experiment_ids=[exp.experiment_id]) == []
+
+
+# -- transformers: the fused graph ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_transformer(tmp_path_factory) -> dict[str, Any]:
+    """The zoo's BERT-tiny-shaped encoder (d 32, 2 heads, 2 layers, 32 tokens), trained briefly,
+    exported with the torch.onnx dynamo exporter as torch_to_onnx exports; its data splits."""
+    import dataclasses
+
+    import torch
+
+    from airflow_modelopt.container.examples.zoo import ZOO
+
+    entry = dataclasses.replace(ZOO["bert_tiny"], epochs=4)
+    parts = entry.splits()
+    model = entry.build()
+    entry.train(model, parts["train"])
+    tmp = tmp_path_factory.mktemp("small-transformer")
+    folder = tmp / "model"
+    folder.mkdir()
+    torch.onnx.export(model.eval(), (torch.from_numpy(parts["calibration"]["x"][:2]),), str(folder / "model.onnx"),
+                      input_names=["x"], output_names=["logits"], dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}},
+                      opset_version=18, dynamo=True, external_data=True)
+    np.savez(tmp / "calibration.npz", x=parts["calibration"]["x"][:32])
+    np.savez(tmp / "eval.npz", **parts["eval"])
+    return {"folder": folder, "calibration": str(tmp / "calibration.npz"), "eval": str(tmp / "eval.npz"),
+            "x": parts["eval"]["x"], "logits": _outputs(folder, parts["eval"]["x"])}
+
+
+def _transformer_spec(t: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    return {"model_uri": str(t["folder"]), "calibration_data_uri": t["calibration"], "eval_data_uri": t["eval"],
+            "timed_runs": 6, "warmup_runs": 1, "context": {"experiment_name": "tests-onnx-quantize-transformer"},
+            **fields}
+
+
+def test_dynamic_int8_of_a_transformer_quantizes_the_fused_graph_and_records_what_fused(
+        mlflow_server, small_transformer, tmp_path):
+    run = run_step("onnx_quantize", _transformer_spec(small_transformer, mode="dynamic"), mlflow_server.env())
+    assert run.returncode == 0, run.output[-3000:]
+    info, metrics = run.result["info"], run.result["metrics"]
+    assert info["chosen_config"] == "fused_dynamic_s8_per_channel"
+    fusion = info["transformer_fusion"]
+    assert fusion["applied"] and fusion["attention_blocks"] == 2 and fusion["num_heads"] == [2]
+    assert fusion["new_fused_nodes"]["Attention"] == 2 and fusion["new_fused_nodes"]["SkipLayerNormalization"] >= 2
+    assert fusion["check"]["max_abs_error"] <= fusion["check"]["tolerance"]  # the fused fp32 graph = the source
+    assert metrics["fused_nodes.Attention"] == 2 and metrics["transformer_fusion"] == 1.0
+
+    folder = _download(run.result["artifacts"]["onnx_model"], mlflow_server, tmp_path / "q")
+    ops = [n.op_type for n in _graph(folder).graph.node]
+    assert ops.count("QAttention") == 2 and "Softmax" not in ops  # attention runs as one int8 kernel per block
+    x = small_transformer["x"]  # in the step's evaluation batches: dynamic int8 ranges are per batch
+    logits = np.concatenate([_outputs(folder, x[i : i + 32]) for i in range(0, len(x), 32)])
+    agreement = float(np.mean(logits.argmax(1) == small_transformer["logits"].argmax(1)))
+    assert agreement >= 0.95 and metrics["top1_agreement"] == pytest.approx(agreement)
+    assert metrics["size_ratio"] < 0.6
+
+    tags = mlflow_server.client().get_run(run.result["mlflow_run_id"]).data.tags
+    assert tags["modelopt.onnx_quantize.transformer_fusion"].startswith("Attention 2, SkipLayerNormalization")
+    assert tags["modelopt.onnx_quantize.transformer_fusion"].endswith("chosen model uses it")
+
+
+def test_search_tries_dynamic_configurations_fused_and_not(mlflow_server, small_transformer):
+    run = run_step("onnx_quantize", _transformer_spec(small_transformer, mode="search", latency_statistic="min",
+                                                      search_configs=["dynamic_u8_per_tensor"]), mlflow_server.env())
+    assert run.returncode == 0, run.output[-3000:]
+    tried = [c["config"] for c in run.result["info"]["search"]]
+    assert tried == ["dynamic_u8_per_tensor", "fused_dynamic_u8_per_tensor"]
+    assert all(run.result["metrics"][f"search.{c}.top1_agreement"] >= 0.9 for c in tried)
+
+
+def test_optimize_transformer_off_quantizes_the_graph_as_exported(mlflow_server, small_transformer, tmp_path):
+    off = run_step("onnx_quantize", _transformer_spec(small_transformer, mode="dynamic", optimize_transformer="off"),
+                   mlflow_server.env())
+    assert off.returncode == 0, off.output[-3000:]
+    assert off.result["info"]["chosen_config"] == "dynamic_s8_per_channel"
+    assert off.result["info"]["transformer_fusion"] == {"applied": False, "reason": "optimize_transformer is 'off'",
+                                                        "chosen_config_fused": False}
+    ops = [n.op_type for n in _graph(_download(off.result["artifacts"]["onnx_model"], mlflow_server,
+                                               tmp_path / "off")).graph.node]
+    assert "Softmax" in ops and "QAttention" not in ops

@@ -168,21 +168,28 @@ def prepare_fused(spec: OnnxQuantizeSpec, ctx: StepContext, inputs: Inputs, excl
                           "(auto fuses for dynamic quantization; 'on' fuses anyway)"}
     applies_to = "all" if spec.optimize_transformer == "on" else "dynamic"
     data = inputs.calibration or inputs.eval_data
+    # without data (dynamic mode needs none): one all-zero sample, free dimensions 1, to read the
+    # head count off and to compare the fused graph with the source on
+    probe = data or Dataset("a zero sample", {i.name: np.zeros([d if isinstance(d, int) and d > 0 else 1
+                                                                 for d in i.shape], dtype=np.dtype(i.dtype))
+                                               for i in source.inputs}, None)
     started = time.monotonic()
     try:
-        path, record = optimize_transformer(source.path, ctx.workdir / "fused", data.features if data else None,
-                                            spec.num_heads, ctx.log)
-        if inputs.eval_data is not None and inputs.reference is not None:
-            got = outputs_of(path, spec.intra_op_threads, spec.model_uri, inputs.eval_data, inputs.eval_batch,
-                             pad=inputs.fixed_batch is not None)
-            check = agreement(inputs.reference, got)
-            scale = max(float(np.max(np.abs(r))) for r in inputs.reference if r.dtype.kind == "f" and r.size)
-            record["check"] = {"max_abs_error": check["max_abs_error"], "tolerance": FUSION_TOLERANCE * max(scale, 1.0),
-                               **({"top1_agreement": check["top1_agreement"]} if "top1_agreement" in check else {})}
-            if check["max_abs_error"] > FUSION_TOLERANCE * max(scale, 1.0) or check.get("top1_agreement", 1.0) < 1.0:
-                raise ValueError(f"the fused graph's outputs differ from the source's: {record['check']}")
-        else:
-            record["check"] = "not checked: no evaluation data"
+        path, record = optimize_transformer(source.path, ctx.workdir / "fused", probe.features, spec.num_heads,
+                                            ctx.log)
+        check_data, reference = inputs.eval_data, inputs.reference
+        if check_data is None or reference is None:
+            check_data = probe
+            reference = outputs_of(source.path, spec.intra_op_threads, spec.model_uri, probe, 1, pad=False)
+        got = outputs_of(path, spec.intra_op_threads, spec.model_uri, check_data, inputs.eval_batch,
+                         pad=inputs.fixed_batch is not None)
+        check = agreement(reference, got)
+        scale = max([float(np.max(np.abs(r))) for r in reference if r.dtype.kind == "f" and r.size] + [1.0])
+        record["check"] = {"on": check_data.field, "max_abs_error": check["max_abs_error"],
+                           "tolerance": FUSION_TOLERANCE * scale,
+                           **({"top1_agreement": check["top1_agreement"]} if "top1_agreement" in check else {})}
+        if check["max_abs_error"] > FUSION_TOLERANCE * scale or check.get("top1_agreement", 1.0) < 1.0:
+            raise ValueError(f"the fused graph's outputs differ from the source's: {record['check']}")
         working = inspect_model(path, "model_uri", spec.model_uri)
         if spec.preprocess:
             try:
