@@ -227,9 +227,11 @@ def convert_with_fallback(spec: TFLiteQuantizeSpec, inputs: dict[str, Path], wor
         built = convert_source(first_spec, model_path, calibration_path, workdir / "first", log)
         built.info.update({"converted_from": "model_uri", "fallback_reason": None})
         return built
-    except (ConversionFailed, ConverterUnavailable, InputError) as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure of the first converter (an op, a trace error) falls back
         if fallback_path is None or _is_calibration_error(exc):
             raise
+        if not isinstance(exc, ModelOptError):
+            exc = ConversionFailed(f"{type(exc).__name__}: {exc}")
         first_path = _path_name(model_path, spec)
         reason = _first_line(str(exc))
         log.warning("%s could not convert model_uri (%s); falling back to fallback_model_uri %s", first_path, reason,

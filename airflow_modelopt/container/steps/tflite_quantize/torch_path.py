@@ -66,6 +66,7 @@ class TorchPath:
         self.module = module
         names = model_input_names(module) or ["x"]
         shapes = _placeholder_shapes(module, names)
+        dtypes = _placeholder_dtypes(module, names)
         for name in names:
             shape = shapes.get(name)
             if shape is None:
@@ -75,8 +76,9 @@ class TorchPath:
                 )
             layout = layout_for(len(shape), False)  # litert-torch keeps the PyTorch layout
             # the batch: fixed by the converter (batch_size), not by the source
-            self.inputs.append(TensorIO(name=name, shape=[None, *shape[1:]] if shape else shape, layout=layout,
-                                        tflite_layout=layout))
+            # token ids stay integers (an embedding's indices); the calibration data is checked against it
+            self.inputs.append(TensorIO(name=name, shape=[None, *shape[1:]] if shape else shape,
+                                        dtype=dtypes.get(name, "float32"), layout=layout, tflite_layout=layout))
         first = shapes[names[0]]
         self.static_batch = first[0] if first else None
         if self.static_batch:  # exported without a dynamic batch: it runs at that batch size only
@@ -110,7 +112,7 @@ class TorchPath:
         """One batch to trace with: the first calibration samples, else zeros of the recorded shape."""
         if calibration is not None:
             return next(batches(calibration, self.batch, self.batch))
-        return {i.name: np.zeros([self.batch, *[d or 1 for d in i.shape[1:]]], np.float32) for i in self.inputs}
+        return {i.name: np.zeros([self.batch, *[d or 1 for d in i.shape[1:]]], i.dtype) for i in self.inputs}
 
     # -- conversion -----------------------------------------------------------------------------
 
@@ -163,9 +165,12 @@ class TorchPath:
         if q.need_calibration:
             assert calibration is not None  # the spec refuses int8 without calibration data
             signature_inputs = _signature_inputs(float_model)
+            dtypes = _signature_dtypes(float_model)
             names = [i.name for i in self.inputs]
             key_of = dict(zip(names, signature_inputs)) if set(signature_inputs) != set(names) else {n: n for n in names}
-            data = [{key_of[k]: v for k, v in b.items()} for b in batches(calibration, self.batch, spec.calibration_samples)]
+            # litert-torch narrows int64 inputs (token ids) to int32: feed the calibrator what the model takes
+            data = [{key_of[k]: v.astype(dtypes.get(key_of[k], v.dtype), copy=False) for k, v in b.items()}
+                    for b in batches(calibration, self.batch, spec.calibration_samples)]
             log.info("ai-edge-quantizer: calibrating on %d batches of %d", len(data), self.batch)
             try:
                 # min/max over all batches, as TFLiteConverter calibrates (the quantizer's default, a
@@ -251,6 +256,12 @@ def _signature_inputs(content: bytes) -> list[str]:
     return [name for name, _ in analyze(content).signature.inputs]
 
 
+def _signature_dtypes(content: bytes) -> dict[str, str]:
+    from airflow_modelopt.container.steps.tflite_quantize.flatbuffer import analyze
+
+    return {name: t.dtype for name, t in analyze(content).signature.inputs}
+
+
 def _placeholder_shapes(module: Any, names: list[str]) -> dict[str, list[int | None]]:
     """Input shapes recorded in a torch.export graph (symbolic dimensions as None)."""
     graph = getattr(module, "graph", None)
@@ -273,6 +284,22 @@ def _placeholder_shapes(module: Any, names: list[str]) -> dict[str, list[int | N
                 dims.append(None)
         shapes[name] = dims
     return shapes
+
+
+def _placeholder_dtypes(module: Any, names: list[str]) -> dict[str, str]:
+    """Input dtypes recorded in a torch.export graph, as numpy names (float32, int64, ...)."""
+    graph = getattr(module, "graph", None)
+    if graph is None:
+        return {}
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    by_name = {n.name: n for n in placeholders}
+    user = [by_name[n] for n in names if n in by_name] or placeholders[-len(names):]
+    dtypes: dict[str, str] = {}
+    for name, node in zip(names, user):
+        dtype = getattr(node.meta.get("val"), "dtype", None)
+        if dtype is not None:
+            dtypes[name] = str(dtype).removeprefix("torch.")
+    return dtypes
 
 
 _LOWERING = re.compile(r"Lowering not found:\s*([\w.]+)")
