@@ -75,7 +75,7 @@ class Compiled:
         pass
 
 
-def sources(models: list[str], work: Path, residual_epochs: int) -> dict[str, dict[str, str]]:
+def sources(models: list[str], work: Path, residual_epochs: int, args: argparse.Namespace) -> dict[str, dict[str, str]]:
     from airflow_modelopt.container.runner import run_step
 
     out: dict[str, dict[str, str]] = {}
@@ -84,7 +84,11 @@ def sources(models: list[str], work: Path, residual_epochs: int) -> dict[str, di
         out["digits"] = {k: str(download(art[a], work / "digits")) for k, a in
                          (("pt2", "model_pt2"), ("train", "train_data"), ("calibration", "calibration_data"),
                           ("eval", "eval_data"))}
-    if "residual" in models:
+    if "residual" in models and args.source_dir is not None:  # a residual folder an earlier run prepared
+        folder = args.source_dir
+        out["residual"] = {"pt2": str(folder / "model.pt2"), "train": str(folder / "train.npz"),
+                           "calibration": str(folder / "calibration.npz"), "eval": str(folder / "eval.npz")}
+    elif "residual" in models:
         from bench_compression import prepare_residual
 
         src = prepare_residual(argparse.Namespace(residual_epochs=residual_epochs), work)
@@ -169,7 +173,7 @@ def distill_rows(name: str, src: dict[str, str], args: argparse.Namespace) -> li
               "width_factor": args.width, "epochs": args.distill_epochs, "early_stop_patience": None,
               "context": {"experiment_name": "bench-tqd"}}
     rows = [{"model": name, "variant": "teacher", "params": None, "accuracy": None, "seed": None}]
-    variants = [("distilled", {"alpha": 0.9})]
+    variants = [] if args.skip_logits_only else [("distilled", {"alpha": 0.9})]
     for weight in args.feature_weights:
         variants.append((f"distilled + features {args.feature_layers} w{weight:g}",
                          {"alpha": 0.9, "feature_layers": args.feature_layers, "feature_weight": weight}))
@@ -208,6 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-distill", action="store_true")
     parser.add_argument("--skip-quantize", action="store_true", help="distillation rows only")
     parser.add_argument("--skip-hard-labels", action="store_true", help="no hard-label-only student")
+    parser.add_argument("--skip-logits-only", action="store_true", help="no logits-only distilled student")
+    parser.add_argument("--source-dir", type=Path,
+                        help="the residual CNN's folder from an earlier run (bench-tqd-*/residual: model.pt2, "
+                        "train/calibration/eval.npz) instead of training it again")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="distill seeds (batch order)")
     parser.add_argument("--feature-layers", default="auto",
                         help="distill feature_layers of the feature-matching variants ('auto' or 'a,b')")
@@ -223,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MODELOPT_ARTIFACT_ROOT", str(work / "artifacts"))
     os.environ.setdefault("MODELOPT_LOG_LEVEL", "WARNING")
     started = time.monotonic()
-    srcs = sources(args.models, work, args.residual_epochs)
+    srcs = sources(args.models, work, args.residual_epochs, args)
     quant: list[dict[str, Any]] = []
     dist: list[dict[str, Any]] = []
     failures: list[str] = []

@@ -16,7 +16,14 @@ class DistillOperator(ModelOptOperator):
     - Loss: ``alpha`` x temperature-scaled KL on the logits + ``1 - alpha`` x cross-entropy on the
       labels of ``train_data_uri``; Adam, cosine learning-rate schedule, early stop on the accuracy
       on ``eval_data_uri`` (best epoch kept).
-    - Logs per epoch (``train_loss``, ``eval_accuracy``, ``learning_rate``, step = epoch), a
+    - Optional intermediate-feature matching: ``feature_layers`` (module paths of the teacher such as
+      ``["layers.0", "layers.2"]``, or ``"auto"``: the outputs of its top-level blocks) with
+      ``feature_weight`` > 0 adds that weight x a normalised MSE between the student's and the
+      teacher's features (1x1 projections, dropped after training, where the narrowed student has
+      fewer channels). Off by default: in the runs measured so far it did not beat logits-only KD
+      (README, "PyTorch-native int8 and distillation").
+    - Logs per epoch (``train_loss``, ``eval_accuracy``, ``learning_rate``, ``feature_loss`` when
+      matching features; step = epoch), a
       ``training_curve`` PNG, and ``model_pt2`` (dynamic batch), which ``TorchToOnnxOperator``
       takes. Metrics: ``teacher_params``, ``student_params``, ``param_ratio``,
       ``teacher_accuracy``, ``student_accuracy``, ``accuracy_drop``, ``best_epoch``;

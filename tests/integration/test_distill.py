@@ -64,3 +64,34 @@ def test_user_architecture_student_and_bad_students(mlflow_server, example_model
     assert missing.returncode == 2 and "student: cannot import 'no_such_package.nets'" in missing.output
     wrong = distill(mlflow_server, student=DIGITS, student_kwargs={"classes": 3}, epochs=1, **base)
     assert wrong.returncode == 2 and "student: gives outputs [[2, 3]] but the teacher [[2, 10]]" in wrong.output
+
+
+def test_feature_matching_records_its_layers_and_a_bad_layer_name_exits_2(mlflow_server, example_model, tmp_path):
+    import torch
+
+    from tests.integration._models import download
+
+    art = example_model["artifacts"]
+    base = {"model_uri": art["model_pt2"], "train_data_uri": art["train_data"], "eval_data_uri": art["eval_data"],
+            "width_factor": 0.5, "epochs": 2, "early_stop_patience": None}
+    run = distill(mlflow_server, feature_layers="auto", feature_weight=0.1, **base)
+    assert run.returncode == 0, run.output[-3000:]
+    # the digits CNN's top-level blocks: 'features' (its convolutions and pool) and 'classifier' (the logits)
+    assert run.result["info"]["feature_matching"] is True
+    assert run.result["info"]["feature_layers"] == [
+        {"layer": "features", "teacher_shape": [32, 4, 4], "student_shape": [16, 4, 4], "projection": "1x1 16->32"}]
+    client = mlflow_server.client()
+    run_id = run.result["mlflow_run_id"]
+    assert client.get_run(run_id).data.params["feature_layers_matched"] == "features"
+    curve = client.get_metric_history(run_id, "feature_loss")
+    assert sorted(p.step for p in curve) == [0, 1] and all(0 < p.value < 10 for p in curve)
+    assert len(client.get_metric_history(run_id, "eval_accuracy")) == 2
+    # the projection is a training aid: the logged student holds the narrowed teacher's parameters alone
+    local = download(run.result["artifacts"]["model_pt2"], mlflow_server.uri, tmp_path)
+    program = torch.export.load(str(local if local.is_file() else next(local.rglob("*.pt2"))))
+    exported = sum(program.state_dict[n].numel() for n in program.graph_signature.parameters)
+    assert exported == run.result["metrics"]["student_params"]
+
+    bad = distill(mlflow_server, feature_layers=["features", "classifier.9"], feature_weight=0.1, **base)
+    assert bad.returncode == 2, bad.output[-3000:]
+    assert "feature_layers: ['classifier.9'] not found in the teacher; its blocks are ['features']" in bad.error
