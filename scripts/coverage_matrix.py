@@ -112,6 +112,8 @@ def build(target: str, entry: ZooModel, paths: dict[str, str], cache: dict[tuple
     for step, fields, out in CHAINS[target]:
         spec = {k: (v.format(**paths) if isinstance(v, str) else v) for k, v in fields.items()}
         spec["model_uri"] = source
+        if step == "tflite_quantize":  # as targets.py wires it: the PyTorch model first, the ONNX export as fallback
+            spec["model_uri"], spec["fallback_model_uri"] = paths["pt2"], source
         if step == "torch_to_onnx":
             spec.update({"data_uri": paths["eval"], "output_names": list(entry.output_names)})
             if entry.dynamic_axes:
@@ -274,6 +276,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="coverage-") as tmp:
         work = args.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
+        litert = REPO / ".venv-litert" / "bin" / "python"  # scripts/make-litert-venv.sh: litert-torch first
+        if litert.exists():
+            os.environ.setdefault("MODELOPT_LITERT_PYTHON", str(litert))
         os.environ.update({"MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
                            "MODELOPT_ARTIFACT_ROOT": str(work / "art"), "MODELOPT_LOG_LEVEL": "WARNING"})
         import mlflow
