@@ -15,9 +15,7 @@ LITERT_PYTHON_OPTION = "litert_python"
 
 def configured_litert_python() -> str:
     """``[modelopt] litert_python`` (airflow.cfg or ``AIRFLOW__MODELOPT__LITERT_PYTHON``), else ""."""
-    from airflow.configuration import conf
-
-    return str(conf.get(config.SECTION, LITERT_PYTHON_OPTION, fallback="") or "").strip()
+    return config.get(LITERT_PYTHON_OPTION).strip()
 
 
 class TFLiteQuantizeOperator(ModelOptOperator):
