@@ -55,11 +55,13 @@ class Compiled:
         import torch
         import torch._inductor.config
 
+        from airflow_modelopt.container.runtimes import detect
         from airflow_modelopt.container.runtimes.torch_backend import load_exported_program
 
         torch.set_num_threads(threads)
         torch._inductor.config.freezing = True
-        self.fn = torch.compile(load_exported_program(pt2).module(), backend="inductor")
+        _, pt2_file, _ = detect(pt2)  # a downloaded artifact is a folder holding the .pt2
+        self.fn = torch.compile(load_exported_program(pt2_file).module(), backend="inductor")
         self.no_grad = torch.no_grad
 
     def prepare(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
