@@ -32,8 +32,12 @@ def test_optimize_dag_builds_tflite_targets_in_the_tensorflow_image(docker_home,
             tags = steps[f"optimize.{task}"].data.tags
             assert tags["modelopt.image"] == TF_IMAGE, task
             assert tags["modelopt.image_digest"] == images["tensorflow"], task
+        # The tensorflow image has litert-torch: the PyTorch model converts first, NCHW with a fixed
+        # batch of 1, so the benchmark measures batch 1 and names the batch it could not run.
         build = steps[f"optimize.{target}"]
-        assert build.data.tags["modelopt.tflite.path"] == "onnx2tf"
+        assert build.data.tags["modelopt.tflite.path"] == "litert_torch"
+        assert build.data.tags["modelopt.tflite.converter"].startswith("litert-torch ")
+        assert steps[f"optimize.benchmark_{target}"].data.tags["modelopt.benchmark.skipped_batch_sizes"] == "8"
         version = client.get_model_version_by_alias("digits-tflite-docker", target)
         assert version.tags["modelopt.target"] == target
     int8 = steps["optimize.tflite_int8"].data.metrics

@@ -74,10 +74,12 @@ def sample_feeds(runtime: Any, data_path: Path | None, batch: int) -> dict[str, 
     return feeds
 
 
-def peak_memory(spec: BenchmarkSpec, model_path: Path, feeds_path: Path, ctx: StepContext) -> dict[str, Any]:
-    """Run the probe in a fresh interpreter; its RSS high-water mark after load and runs."""
+def peak_memory(spec: BenchmarkSpec, model_path: Path, feeds_path: Path, ctx: StepContext,
+                batch_sizes: list[int] | None = None) -> dict[str, Any]:
+    """Run the probe in a fresh interpreter; its RSS high-water mark after load and runs at
+    ``batch_sizes`` (default: the spec's)."""
     request = {"path": str(model_path), "format": spec.model_format, "threads": spec.threads, "device": spec.device,
-               "batch_sizes": spec.batch_sizes, "runs": 3, "feeds": str(feeds_path)}
+               "batch_sizes": batch_sizes or spec.batch_sizes, "runs": 3, "feeds": str(feeds_path)}
     cmd = [sys.executable, "-m", "airflow_modelopt.container.runtimes.probe", json.dumps(request)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     ctx.log.info("Measuring peak memory in a fresh process")
@@ -123,6 +125,8 @@ def markdown_report(report: dict[str, Any]) -> str:
     for batch, s in report["batches"].items():
         lines.append(f"| {batch} | {s['latency_ms_mean']:.3f} | {s['latency_ms_p50']:.3f} | {s['latency_ms_p95']:.3f} | "
                      f"{s['latency_ms_p99']:.3f} | {s['throughput_items_per_s']:,.1f} |")
+    for batch, why in (report.get("skipped_batch_sizes") or {}).items():
+        lines.append(f"| {batch} | not run: {why} | | | | |")
     mem = report.get("memory")
     if mem:
         lines += ["", f"Peak RSS of a fresh process that loads and runs the model: {mem['peak_rss_bytes'] / MB:.1f} MB "
@@ -152,13 +156,21 @@ def run(spec: BenchmarkSpec, ctx: StepContext) -> StepOutput:
         feeds = sample_feeds(runtime, data_path, largest)
         runtime.prepare(take_batch(feeds, 1), field="data_uri")  # a wrong shape or dtype fails here, named
         per_batch: dict[int, dict[str, float]] = {}
+        skipped: dict[str, str] = {}
         for batch in spec.batch_sizes:
             native = runtime.prepare(take_batch(feeds, batch), field="data_uri")
             try:
                 runtime.run_native(native)
             except Exception as exc:  # noqa: BLE001 - e.g. a fixed-batch model fed another batch
                 text = str(exc).strip().splitlines()[0][:800] if str(exc).strip() else type(exc).__name__
-                raise InputError(f"batch_sizes: the {runtime.format} model does not run at batch size {batch}: {text}") from None
+                if not per_batch:
+                    raise InputError(f"batch_sizes: the {runtime.format} model does not run at batch size {batch}: "
+                                     f"{text}") from None
+                # A model with a fixed batch (litert-torch's TFLite, a TensorRT profile) is measured at the
+                # sizes it runs; the others are named in the report, the run's tag and the log.
+                skipped[str(batch)] = text
+                ctx.log.warning("batch %d skipped: the %s model does not run at it (%s)", batch, runtime.format, text)
+                continue
             ns = time_batch(runtime, native, spec.warmup_runs, spec.timed_runs)
             per_batch[batch] = latency_stats(ns, batch)
             ctx.log.info("batch %d: mean %.3f ms, p95 %.3f ms, %.1f items/s", batch, per_batch[batch]["latency_ms_mean"],
@@ -173,8 +185,8 @@ def run(spec: BenchmarkSpec, ctx: StepContext) -> StepOutput:
     memory = None
     if spec.measure_memory:
         feeds_path = ctx.workdir / "benchmark_inputs.npz"
-        np.savez(feeds_path, **feeds)
-        memory = peak_memory(spec, model_file, feeds_path, ctx)
+        np.savez(feeds_path, **take_batch(feeds, max(per_batch)))  # the largest batch the model ran
+        memory = peak_memory(spec, model_file, feeds_path, ctx, sorted(per_batch))  # the sizes the model ran
         ctx.log.info("Peak RSS %.1f MB", memory["peak_rss_bytes"] / MB)
     peak_mb = memory["peak_rss_bytes"] / MB if memory else None
     flags = targets(spec, per_batch, peak_mb)
@@ -183,6 +195,8 @@ def run(spec: BenchmarkSpec, ctx: StepContext) -> StepOutput:
     tags = {f"modelopt.hw.{k}": v for k, v in hw.items()}
     tags.update({"modelopt.runtime": runtime_name, "modelopt.runtime_threads": str(spec.threads),
                  "modelopt.model_format": fmt})
+    if skipped:
+        tags["modelopt.benchmark.skipped_batch_sizes"] = ", ".join(skipped)
     for key, value in tags.items():
         ctx.client.set_tag(ctx.run_id, key, str(value)[:5000])
 
@@ -206,7 +220,7 @@ def run(spec: BenchmarkSpec, ctx: StepContext) -> StepOutput:
         "name": name, "model_uri": spec.model_uri, "format": fmt, "runtime": runtime_name, "threads": spec.threads,
         "model_bytes": model_bytes, "warmup_runs": spec.warmup_runs, "timed_runs": spec.timed_runs,
         "batches": {str(b): s for b, s in per_batch.items()}, "memory": memory, "targets": flags, "hardware": hw,
-        "signature": description,
+        "signature": description, "skipped_batch_sizes": skipped,
     }
     folder = ctx.workdir / REPORT_DIR
     folder.mkdir()
@@ -226,7 +240,7 @@ def run(spec: BenchmarkSpec, ctx: StepContext) -> StepOutput:
         artifacts=artifacts,
         metrics=metrics,
         info={"name": name, "format": fmt, "runtime": runtime_name, "threads": spec.threads, "hardware": hw,
-              "targets": flags},
+              "targets": flags, "skipped_batch_sizes": skipped},
         verdict=Verdict(passed=not missed, reasons=reasons) if spec.enforce_targets else None,
     )
 
