@@ -134,6 +134,17 @@ def _export(t: dict[str, Any], server: MlflowServer, tmp: Path, experiment: str)
     return run.result, ev, cal
 
 
+def _mnn_fp32_agrees(t: dict[str, Any], server: MlflowServer, tmp: Path) -> Any:
+    """Export a zoo model, convert it to fp32 MNN checked on its eval split; >= 0.99 top-1 agreement."""
+    tmp.mkdir()
+    exported, ev, _ = _export(t, server, tmp, "tests-zoo")
+    run = run_step("mnn_convert", {"model_uri": exported["artifacts"]["onnx_model"], "eval_data_uri": ev,
+                                   "context": {"experiment_name": "tests-zoo"}}, server.env())
+    assert run.returncode == 0, run.output[-3000:]
+    assert run.result["metrics"]["top1_agreement"] >= 0.99, run.result["metrics"]
+    return run
+
+
 def test_two_input_two_output_model_through_export_static_int8_and_tflite_int8(trained, mlflow_server, tmp_path):
     """The multi-input / multi-output cell: both inputs by name, both outputs kept, int8 agrees."""
     import onnxruntime as ort
@@ -228,12 +239,7 @@ def test_mnn_on_a_residual_cnn_an_lstm_a_dynamic_sequence_and_token_ids(trained,
     assert run.result["metrics"]["top1_agreement"] >= 0.99, run.result["metrics"]
 
     seq = trained["dynamic_seq"]
-    (tmp_path / "seq").mkdir()
-    exported, ev, _ = _export(seq, mlflow_server, tmp_path / "seq", "tests-zoo")
-    run = run_step("mnn_convert", {"model_uri": exported["artifacts"]["onnx_model"], "eval_data_uri": ev,
-                                   "context": {"experiment_name": "tests-zoo"}}, mlflow_server.env())
-    assert run.returncode == 0, run.output[-3000:]
-    assert run.result["metrics"]["top1_agreement"] >= 0.99, run.result["metrics"]
+    run = _mnn_fp32_agrees(seq, mlflow_server, tmp_path / "seq")
     from airflow_modelopt.container.runtimes import load
 
     folder = _download(run.result["artifacts"]["mnn_model"], mlflow_server, tmp_path / "seq-mnn")
@@ -246,9 +252,4 @@ def test_mnn_on_a_residual_cnn_an_lstm_a_dynamic_sequence_and_token_ids(trained,
     # Token ids are int64 in PyTorch and ONNX; MNN's converter stores the input as int32 and the
     # runtimes layer feeds it so (it refused int64 before).
     b = trained["bert_tiny"]
-    (tmp_path / "bert").mkdir()
-    exported, ev, cal = _export(b, mlflow_server, tmp_path / "bert", "tests-zoo")
-    run = run_step("mnn_convert", {"model_uri": exported["artifacts"]["onnx_model"], "eval_data_uri": ev,
-                                   "context": {"experiment_name": "tests-zoo"}}, mlflow_server.env())
-    assert run.returncode == 0, run.output[-3000:]
-    assert run.result["metrics"]["top1_agreement"] >= 0.99, run.result["metrics"]
+    _mnn_fp32_agrees(b, mlflow_server, tmp_path / "bert")
