@@ -18,7 +18,7 @@ TransformerFusion = Literal["auto", "on", "off"]
 #: Configurations the search mode can try, by name. "static" ones are calibrated (with the
 #: spec's calibration_method); "dynamic" ones quantize weights ahead of time and activations at
 #: run time. Keys: method, quant_format, activation_type, weight_type, per_channel,
-#: activation_symmetric.
+#: activation_symmetric, weight_symmetric, layerwise (``onnx_quantize.layerwise``).
 SEARCH_CONFIGS: dict[str, dict[str, object]] = {
     "qdq_u8s8_per_channel": {"method": "static", "quant_format": "QDQ", "activation_type": "uint8",
                              "weight_type": "int8", "per_channel": True, "activation_symmetric": False},
@@ -32,18 +32,32 @@ SEARCH_CONFIGS: dict[str, dict[str, object]] = {
                                    "weight_type": "int8", "per_channel": True, "activation_symmetric": False},
     "qoperator_u8u8_per_tensor": {"method": "static", "quant_format": "QOperator", "activation_type": "uint8",
                                   "weight_type": "uint8", "per_channel": False, "activation_symmetric": False},
+    # ORT runs a QLinearConv with asymmetric int8 weights through its general int8 GEMM (im2col), with
+    # symmetric ones through its direct convolution kernel: which is faster depends on layer and CPU
+    "qoperator_u8s8_per_channel_asymmetric": {"method": "static", "quant_format": "QOperator",
+                                              "activation_type": "uint8", "weight_type": "int8", "per_channel": True,
+                                              "activation_symmetric": False, "weight_symmetric": False},
+    # per QLinearConv, the weights of whichever of the two kernels ORT's profiler timed faster here
+    "qoperator_u8s8_per_channel_layerwise": {"method": "static", "quant_format": "QOperator",
+                                             "activation_type": "uint8", "weight_type": "int8", "per_channel": True,
+                                             "activation_symmetric": False, "layerwise": True},
     "dynamic_u8_per_tensor": {"method": "dynamic", "weight_type": "uint8", "per_channel": False},
     "dynamic_s8_per_channel": {"method": "dynamic", "weight_type": "int8", "per_channel": True},
 }
 SearchConfigName = Literal[
     "qdq_u8s8_per_channel", "qdq_u8u8_per_tensor", "qdq_u8s8_per_tensor", "qdq_s8s8_per_channel_symmetric",
-    "qoperator_u8s8_per_channel", "qoperator_u8u8_per_tensor", "dynamic_u8_per_tensor", "dynamic_s8_per_channel",
+    "qoperator_u8s8_per_channel", "qoperator_u8u8_per_tensor", "qoperator_u8s8_per_channel_asymmetric",
+    "qoperator_u8s8_per_channel_layerwise", "dynamic_u8_per_tensor", "dynamic_s8_per_channel",
 ]
 #: What search mode tries when search_configs is not given.
 DEFAULT_SEARCH_CONFIGS: tuple[str, ...] = (
     "qdq_u8s8_per_channel", "qdq_u8u8_per_tensor", "qdq_s8s8_per_channel_symmetric",
-    "qoperator_u8s8_per_channel", "dynamic_u8_per_tensor",
+    "qoperator_u8s8_per_channel", "qoperator_u8s8_per_channel_asymmetric", "qoperator_u8s8_per_channel_layerwise",
+    "dynamic_u8_per_tensor",
 )
+#: The static and the dynamic ones among them.
+STATIC_SEARCH_CONFIGS: tuple[str, ...] = tuple(n for n in SEARCH_CONFIGS if SEARCH_CONFIGS[n]["method"] == "static")
+DYNAMIC_SEARCH_CONFIGS: tuple[str, ...] = tuple(n for n in SEARCH_CONFIGS if SEARCH_CONFIGS[n]["method"] == "dynamic")
 #: Search mode's accuracy gates when the spec sets none: accuracy drop when the evaluation data
 #: has labels (y), else top-1 agreement with the fp32 model.
 DEFAULT_MAX_ACCURACY_DROP = 0.02
@@ -87,7 +101,7 @@ class OnnxQuantizeSpec(StepSpec):
         None,
         description=".npz with one array per model input (keyed by input name, or x for a single input), first "
         "axis = samples; static and search calibrate on it and measure latency at its shapes (required for static "
-        "and search; optional for dynamic, where it is only used to measure)",
+        "and for a search with static configurations; otherwise only used to measure)",
     )
     eval_data_uri: ArtifactUri | None = Field(
         None,
@@ -194,11 +208,18 @@ class OnnxQuantizeSpec(StepSpec):
 
     @model_validator(mode="after")
     def _check_combination(self) -> OnnxQuantizeSpec:
-        if self.mode in ("static", "search") and self.calibration_data_uri is None:
+        calibrated = self.mode == "static" or (
+            self.mode == "search" and any(SEARCH_CONFIGS[c]["method"] == "static" for c in self.configs_to_search()))
+        if calibrated and self.calibration_data_uri is None:
             raise ValueError(
-                f"calibration_data_uri is required for mode {self.mode!r}: static int8 ranges are calibrated on real "
-                "samples (an .npz keyed by input name, or x), never on random data"
+                f"calibration_data_uri is required for mode {self.mode!r}"
+                + (" with static configurations" if self.mode == "search" else "")
+                + ": static int8 ranges are calibrated on real samples (an .npz keyed by input name, or x), never on "
+                "random data"
             )
+        if self.mode == "search" and self.calibration_data_uri is None and self.eval_data_uri is None:
+            raise ValueError("eval_data_uri: search mode measures each configuration's latency and agreement on data; "
+                             "give eval_data_uri (or calibration_data_uri)")
         if self.mode == "dynamic":
             irrelevant = self._changed(_STATIC_ONLY)
             if irrelevant:

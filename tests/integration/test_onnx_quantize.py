@@ -152,6 +152,42 @@ def test_search_logs_every_configuration_and_keeps_the_fastest_that_passes(
     assert run_info.data.metrics[f"search.{chosen}.latency_ms"] == pytest.approx(tried[chosen]["latency_ms"])
 
 
+def test_layerwise_search_gives_each_conv_the_weights_of_the_kernel_profiled_faster(
+        mlflow_server, example_model, example_onnx, fp32, tmp_path):
+    """The layerwise configuration profiles the symmetric- and asymmetric-weight models with ORT's
+    per-node profiler and composes one: each QLinearConv's weight zero points match the kernel its
+    record says was faster (all zero: symmetric), activations are untouched, and it still agrees."""
+    import onnx
+
+    configs = ["qoperator_u8s8_per_channel_layerwise"]
+    run = run_step("onnx_quantize", _spec(example_model, example_onnx, "tests-onnx-quantize", mode="search",
+                                          search_configs=configs, timed_runs=6, warmup_runs=2),
+                   mlflow_server.env())
+    assert run.returncode == 0, run.output[-3000:]
+    assert "Per-layer kernel choice:" in run.output
+    record = json.loads(_download(run.result["artifacts"]["search_results"], mlflow_server, tmp_path / "s").read_text())
+    layerwise = record["configurations"][0]["layerwise"]
+    assert layerwise["nodes"] == 2 == len(layerwise["per_node"])
+    for entry in layerwise["per_node"]:
+        assert entry["symmetric_us"] > 0 and entry["asymmetric_us"] > 0
+        faster = "asymmetric" if entry["asymmetric_us"] < entry["symmetric_us"] else "symmetric"
+        assert entry["chosen"] == faster, entry
+    assert layerwise["asymmetric"] == sum(e["chosen"] == "asymmetric" for e in layerwise["per_node"])
+    assert layerwise["composed_us"] <= min(layerwise["symmetric_us"], layerwise["asymmetric_us"]) + 1e-6
+
+    folder = _download(run.result["artifacts"]["onnx_model"], mlflow_server, tmp_path / "q")
+    graph = onnx.load(str(folder / "model.onnx"))
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in graph.graph.initializer}
+    chosen = {e["node"]: e["chosen"] for e in layerwise["per_node"]}
+    convs = [n for n in graph.graph.node if n.op_type == "QLinearConv"]
+    assert {n.name for n in convs} == set(chosen)
+    for node in convs:
+        weight_zero_points = inits[node.input[5]]
+        assert (not weight_zero_points.any()) == (chosen[node.name] == "symmetric"), node.name
+    logits = _outputs(folder, fp32["x"])
+    assert float(np.mean(logits.argmax(1) == fp32["logits"].argmax(1))) >= 0.95
+
+
 def test_excluded_node_and_op_type_stay_fp32(mlflow_server, example_model, example_onnx, fp32, tmp_path):
     convs = [n.name for n in _graph(fp32["folder"]).graph.node if n.op_type == "Conv"]
     assert len(convs) == 2

@@ -179,3 +179,41 @@ def test_operator_refuses_num_heads_without_fusions_at_construction():
     with pytest.raises(ValueError, match=r"num_heads: only used by the transformer fusions"):
         OnnxQuantizeOperator(task_id="quantize", model_uri="/m.onnx", mode="dynamic", optimize_transformer="off",
                              num_heads=2)
+
+
+def test_a_layerwise_configuration_reuses_the_two_models_the_search_already_builds():
+    from airflow_modelopt.container.steps.onnx_quantize.quantize import configs_for, layerwise_parts, settings_key
+
+    configs = {c.name: c for c in configs_for(parse(mode="search"))}
+    parts = layerwise_parts(configs["qoperator_u8s8_per_channel_layerwise"])
+    # unset weight_symmetric is ORT's default for int8 weights: symmetric
+    assert settings_key(parts["symmetric"]) == settings_key(configs["qoperator_u8s8_per_channel"])
+    assert settings_key(parts["asymmetric"]) == settings_key(configs["qoperator_u8s8_per_channel_asymmetric"])
+    assert settings_key(parts["symmetric"]) != settings_key(parts["asymmetric"])
+    assert not parts["symmetric"].layerwise and not parts["asymmetric"].layerwise
+
+
+def test_a_search_of_dynamic_configurations_needs_data_to_measure_on_but_no_calibration():
+    dynamic = ["dynamic_u8_per_tensor", "dynamic_s8_per_channel"]
+    spec = parse(mode="search", search_configs=dynamic, calibration_data_uri=None, eval_data_uri="/d/eval.npz")
+    assert spec.configs_to_search() == dynamic
+    with pytest.raises(SpecError, match=r"eval_data_uri: search mode measures"):
+        parse(mode="search", search_configs=dynamic, calibration_data_uri=None)
+    with pytest.raises(SpecError, match=r"calibration_data_uri is required for mode 'search' with static configurations"):
+        parse(mode="search", search_configs=["dynamic_u8_per_tensor", "qdq_u8s8_per_channel"],
+              calibration_data_uri=None, eval_data_uri="/d/eval.npz")
+
+
+def test_the_pipelines_int8_builds_search_configurations_of_their_own_kind():
+    from airflow_modelopt.specs.onnx_quantize import DYNAMIC_SEARCH_CONFIGS, STATIC_SEARCH_CONFIGS
+    from airflow_modelopt.targets import DYNAMIC_INT8_SEARCH, STATIC_INT8_SEARCH, builds
+
+    assert set(STATIC_INT8_SEARCH["search_configs"]) <= set(STATIC_SEARCH_CONFIGS)
+    assert "qoperator_u8s8_per_channel_layerwise" in STATIC_INT8_SEARCH["search_configs"]
+    assert set(DYNAMIC_INT8_SEARCH["search_configs"]) == set(DYNAMIC_SEARCH_CONFIGS)
+    for task_id in ("onnx_int8_static", "pruned_onnx_int8", "distilled_onnx_int8", "onnx_int8_dynamic"):
+        kwargs = builds()[task_id].kwargs
+        assert kwargs["mode"] == "search", task_id
+        filled = {k: {"{calibration}": "/d/cal.npz", "{eval}": "/d/eval.npz"}.get(v, v) if isinstance(v, str) else v
+                  for k, v in kwargs.items()}
+        parse(**{"calibration_data_uri": None, **filled})  # a valid spec

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,14 +39,18 @@ from airflow_modelopt.container.context import StepContext, StepOutput
 from airflow_modelopt.container.measure import agreement
 from airflow_modelopt.container.steps.onnx_quantize.calibration import Dataset, fixed_batch, latency_feed, load_dataset
 from airflow_modelopt.container.steps.onnx_quantize.fusion import has_attention_pattern, optimize_transformer
+from airflow_modelopt.container.steps.onnx_quantize.layerwise import compose
 from airflow_modelopt.container.steps.onnx_quantize.model import OnnxModel, first_line, inspect_model, is_quant_op
 from airflow_modelopt.container.steps.onnx_quantize.quantize import (
+    QuantConfig,
     configs_for,
+    layerwise_parts,
     name_nodes,
     node_stats,
     preprocess,
     quantize,
     resolve_exclusions,
+    settings_key,
 )
 from airflow_modelopt.container.steps.onnx_quantize.search import (
     Gates,
@@ -222,15 +227,33 @@ def build_all(spec: OnnxQuantizeSpec, ctx: StepContext, working: OnnxModel, inpu
     trials = []
     cache_dir = ctx.workdir / "calibration"  # ORT's calibration cache: one calibration per method
     cache_dir.mkdir(exist_ok=True)
+    built: dict[tuple[tuple[str, Any], ...], Path] = {}  # a layerwise configuration reuses what was built
+
+    def build(config: QuantConfig) -> Path:
+        key = settings_key(config)
+        if key not in built:
+            model, exclude = (fused.model, fused.excluded) if config.transformer_fusion and fused else (working,
+                                                                                                       excluded)
+            built[key] = quantize(config, model.path, ctx.workdir / "quantized" / config.name, inputs.calibration,
+                                  inputs.fixed_batch or 1, sorted(exclude),
+                                  cache_dir / ("fused" if config.transformer_fusion else "source"))
+        return built[key]
+
     for config in configs_for(spec, fused.applies_to if fused else None):
         trial = Trial(config)
         started = time.monotonic()
         ctx.log.info("Quantizing: %s", config.as_dict())
-        model, exclude = (fused.model, fused.excluded) if config.transformer_fusion and fused else (working, excluded)
         try:
-            trial.path = quantize(config, model.path, ctx.workdir / "quantized" / config.name, inputs.calibration,
-                                  inputs.fixed_batch or 1, sorted(exclude),
-                                  cache_dir / ("fused" if config.transformer_fusion else "source"))
+            if config.layerwise:
+                data = inputs.calibration or inputs.eval_data
+                assert data is not None  # search mode requires calibration data
+                parts = {variant: build(part) for variant, part in layerwise_parts(config).items()}
+                trial.path, record = compose(parts["symmetric"], parts["asymmetric"],
+                                             ctx.workdir / "quantized" / config.name / "composed",
+                                             latency_feed(data, inputs.latency_batch), spec.intra_op_threads, ctx.log)
+                trial.detail = {"layerwise": record}
+            else:
+                trial.path = build(config)
             trial.bytes = inspect_model(trial.path, "model_uri", spec.model_uri).bytes
         except ConversionFailed as exc:
             if spec.mode != "search":

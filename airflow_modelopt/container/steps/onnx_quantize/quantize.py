@@ -36,6 +36,7 @@ class QuantConfig:
     calibration_method: str | None = None
     calibration_percentile: float | None = None
     transformer_fusion: bool | None = None  # True: quantizes the transformer-fused graph
+    layerwise: bool | None = None  # True: per-layer kernel choice (``layerwise``) between symmetric and asymmetric weights
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -49,6 +50,23 @@ def config_name(method: str, quant_format: str | None, activation_type: str | No
         return f"dynamic_{short[weight_type]}_{granularity}"
     name = f"{(quant_format or 'QDQ').lower()}_{short[activation_type or 'uint8']}{short[weight_type]}_{granularity}"
     return name + ("_symmetric" if activation_symmetric else "")
+
+
+def settings_key(config: QuantConfig) -> tuple[tuple[str, Any], ...]:
+    """What a configuration builds, without its name: two configurations with the same key make the
+    same model (weight_symmetric unset is ORT's default: symmetric for int8 weights)."""
+    settings = {**config.as_dict(), "weight_symmetric": config.weight_symmetric
+                if config.weight_symmetric is not None else config.weight_type == "int8"}
+    settings.pop("name")
+    return tuple(sorted(settings.items()))
+
+
+def layerwise_parts(config: QuantConfig) -> dict[str, QuantConfig]:
+    """The two models a ``layerwise`` configuration composes: its settings with symmetric and with
+    asymmetric weights."""
+    base = {**asdict(config), "layerwise": None}
+    return {variant: QuantConfig(**{**base, "name": f"{config.name}/{variant}", "weight_symmetric": symmetric})
+            for variant, symmetric in (("symmetric", True), ("asymmetric", False))}
 
 
 def fused(config: QuantConfig) -> QuantConfig:

@@ -114,6 +114,7 @@ class Trial:
     measured: dict[str, float] = field(default_factory=dict)
     latency: dict[str, float] = field(default_factory=dict)
     reasons: list[str] = field(default_factory=list)
+    detail: dict[str, Any] = field(default_factory=dict)  # how it was built (a layerwise choice's per-node record)
 
     @property
     def passed(self) -> bool:
@@ -128,7 +129,7 @@ class Trial:
             "config": self.config.name, "settings": self.config.as_dict(), "passed": self.passed,
             "error": self.error, "gate_failures": self.reasons, "bytes": self.bytes,
             "quantize_s": round(self.quantize_s, 3), "latency_ms": self.latency.get("ms"),
-            "latency": self.latency, **self.measured,
+            "latency": self.latency, **self.measured, **self.detail,
         }
 
 
