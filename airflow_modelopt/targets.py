@@ -21,15 +21,15 @@ TARGETS = (
 #: What each target produces, in a few words (the trigger form's choices, the DAG docs, group tooltips).
 TARGET_DESCRIPTIONS: dict[str, str] = {
     "onnx_fp32": "ONNX fp32 export (ONNX Runtime)",
-    "onnx_int8_dynamic": "ONNX int8, dynamic quantization (no calibration data)",
-    "onnx_int8_static": "ONNX int8, static QDQ quantization (calibration data)",
+    "onnx_int8_dynamic": "ONNX int8, dynamic quantization (no calibration data; fastest measured configuration)",
+    "onnx_int8_static": "ONNX int8, static quantization (calibration data; fastest measured configuration)",
     "tflite_fp16": "TFLite fp16 (litert-torch, else onnx2tf from the ONNX export)",
     "tflite_int8": "TFLite full int8 (litert-torch, else onnx2tf; calibration data)",
-    "pruned_onnx_int8": "50% channel-pruned, fine-tuned, then ONNX static int8",
+    "pruned_onnx_int8": "50% channel-pruned, fine-tuned, then ONNX static int8 (fastest measured)",
     "tensorrt_fp16": "TensorRT engine fp16 (needs an NVIDIA GPU)",
     "tensorrt_int8": "TensorRT engine int8 (NVIDIA GPU, calibration data)",
     "torch_int8": "PyTorch PT2E int8 .pt2 (calibration data)",
-    "distilled_onnx_int8": "distilled half-width student, then ONNX static int8",
+    "distilled_onnx_int8": "distilled half-width student, then ONNX static int8 (fastest measured)",
     "openvino_fp32": "OpenVINO IR fp32",
     "openvino_int8": "OpenVINO IR int8 with NNCF (calibration data)",
     "mnn_fp32": "MNN fp32 (mobile)",
@@ -49,12 +49,27 @@ class Build:
     model_field: str = "model_uri"
 
 
+#: The pipeline's ONNX int8 builds run onnx_quantize's measured search, so the worker's CPU decides:
+#: which kernels pay differs between CPUs (VNNI or not, AMX or not) and architectures (static QDQ on
+#: CNNs, dynamic int8 on the transformer-fused graph on transformers; docs/coverage.md). Each keeps
+#: to its kind, static or dynamic; the search's default accuracy gate applies (2 points with labels).
+STATIC_INT8_SEARCH = {
+    "mode": "search", "calibration_data_uri": "{calibration}", "eval_data_uri": "{eval}",
+    "search_configs": ["qdq_u8s8_per_channel", "qdq_u8u8_per_tensor", "qdq_s8s8_per_channel_symmetric",
+                       "qoperator_u8s8_per_channel", "qoperator_u8s8_per_channel_asymmetric",
+                       "qoperator_u8s8_per_channel_layerwise"],
+}
+DYNAMIC_INT8_SEARCH = {
+    "mode": "search", "eval_data_uri": "{eval}",
+    "search_configs": ["dynamic_u8_per_tensor", "dynamic_s8_per_channel"],  # each also on the fused graph
+}
+
+
 def builds() -> dict[str, Build]:
     return {b.task_id: b for b in (
         Build("export_onnx", "TorchToOnnxOperator", {"data_uri": "{eval}"}),
-        Build("onnx_int8_dynamic", "OnnxQuantizeOperator", {"mode": "dynamic"}, "export_onnx", "onnx_model"),
-        Build("onnx_int8_static", "OnnxQuantizeOperator",
-              {"mode": "static", "calibration_data_uri": "{calibration}"}, "export_onnx", "onnx_model"),
+        Build("onnx_int8_dynamic", "OnnxQuantizeOperator", DYNAMIC_INT8_SEARCH, "export_onnx", "onnx_model"),
+        Build("onnx_int8_static", "OnnxQuantizeOperator", STATIC_INT8_SEARCH, "export_onnx", "onnx_model"),
         # TFLite from the pipeline's PyTorch model with litert-torch (NCHW kept, batch fixed), falling back
         # in the same task to the ONNX export with onnx2tf (NHWC): both recorded in the signature, the
         # converter that made it on the run. Local mode finds litert-torch through [modelopt] litert_python.
@@ -70,8 +85,7 @@ def builds() -> dict[str, Build]:
                                          "batch_size": 32, "learning_rate": 0.003, "train_data_uri": "{train}",
                                          "eval_data_uri": "{eval}"}),
         Build("export_pruned_onnx", "TorchToOnnxOperator", {"data_uri": "{eval}"}, "prune", "model_pt2"),
-        Build("pruned_onnx_int8", "OnnxQuantizeOperator",
-              {"mode": "static", "calibration_data_uri": "{calibration}"}, "export_pruned_onnx", "onnx_model"),
+        Build("pruned_onnx_int8", "OnnxQuantizeOperator", STATIC_INT8_SEARCH, "export_pruned_onnx", "onnx_model"),
         Build("tensorrt_fp16", "TensorRTBuildOperator", {"precision": "fp16"}, "export_onnx", "onnx_model"),
         Build("tensorrt_int8", "TensorRTBuildOperator",
               {"precision": "int8", "calibration_data_uri": "{calibration}"}, "export_onnx", "onnx_model"),
@@ -81,8 +95,8 @@ def builds() -> dict[str, Build]:
         # Knowledge distillation into the teacher narrowed to half its channels, then ONNX static int8.
         Build("distill", "DistillOperator", {"train_data_uri": "{train}", "eval_data_uri": "{eval}", "epochs": 10}),
         Build("export_distilled_onnx", "TorchToOnnxOperator", {"data_uri": "{eval}"}, "distill", "model_pt2"),
-        Build("distilled_onnx_int8", "OnnxQuantizeOperator",
-              {"mode": "static", "calibration_data_uri": "{calibration}"}, "export_distilled_onnx", "onnx_model"),
+        Build("distilled_onnx_int8", "OnnxQuantizeOperator", STATIC_INT8_SEARCH, "export_distilled_onnx",
+              "onnx_model"),
         # Edge (OpenVINO IR, NNCF int8) and mobile (MNN, int8 weights and feature maps) from the ONNX export.
         Build("openvino_fp32", "OpenVINOConvertOperator", {"precision": "fp32"}, "export_onnx", "onnx_model"),
         Build("openvino_int8", "OpenVINOConvertOperator", {"precision": "int8", "calibration_data_uri": "{calibration}"},

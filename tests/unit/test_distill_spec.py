@@ -89,7 +89,9 @@ def test_distilled_onnx_int8_target_chains_distill_export_and_static_int8():
     assert (b["distill"].operator, b["distill"].source) == ("DistillOperator", None)
     assert (b["export_distilled_onnx"].operator, b["export_distilled_onnx"].source,
             b["export_distilled_onnx"].source_artifact) == ("TorchToOnnxOperator", "distill", "model_pt2")
-    assert (b["distilled_onnx_int8"].operator, b["distilled_onnx_int8"].kwargs["mode"]) == ("OnnxQuantizeOperator", "static")
+    int8 = b["distilled_onnx_int8"]
+    assert (int8.operator, int8.kwargs["mode"]) == ("OnnxQuantizeOperator", "search")
+    assert all(c.startswith("q") for c in int8.kwargs["search_configs"])  # static configurations only
 
 
 # -- the student reference, resolved in the container (torch, no MLflow) ------------------------
