@@ -4,6 +4,8 @@ the converter's error message reduced to the op)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -370,3 +372,169 @@ def test_pytorch_source_without_litert_torch_or_a_litert_python_is_unavailable(t
     monkeypatch.setenv(LITERT_PYTHON_ENV, str(tmp_path / "no" / "python"))
     with pytest.raises(attempts.ConverterUnavailable, match=r"MODELOPT_LITERT_PYTHON=.*/no/python does not exist"):
         attempts.convert_source(parse(mode="fp16"), paths["model_uri"], None, tmp_path / "w", logging.getLogger("t"))
+
+
+# -- GELU/Erf lowered before onnx2tf (onnx_rewrite.py) --------------------------------------------
+
+
+def _gelu_graph(order: str, erf_add: float = 1.0) -> Any:
+    """x -> Linear-free exact GELU in one of PyTorch's orders -> y (opset 18), as torch.onnx writes it."""
+    from onnx import TensorProto, helper
+
+    def const(name: str, value: float) -> Any:
+        return helper.make_tensor(name, TensorProto.FLOAT, [], [value])
+
+    nodes = []
+    if order == "mul_inv_sqrt2":
+        nodes.append(helper.make_node("Mul", ["x", "inv_sqrt2"], ["s"]))
+    else:
+        nodes.append(helper.make_node("Div", ["x", "sqrt2"], ["s"]))
+    nodes += [helper.make_node("Erf", ["s"], ["e"]), helper.make_node("Add", ["e", "one"], ["a"])]
+    if order in ("half_then_x", "mul_inv_sqrt2"):  # torch.onnx (opset 18): (1 + erf) * 0.5, then * x
+        nodes += [helper.make_node("Mul", ["half", "a"], ["m"]), helper.make_node("Mul", ["x", "m"], ["y"])]
+    elif order == "x_then_half":  # the order onnx2tf recognises itself
+        nodes += [helper.make_node("Mul", ["x", "a"], ["m"]), helper.make_node("Mul", ["m", "half"], ["y"])]
+    else:  # half_x: (0.5 * x) * (1 + erf)
+        nodes += [helper.make_node("Mul", ["x", "half"], ["hx"]), helper.make_node("Mul", ["hx", "a"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "gelu", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5])],
+        initializer=[const("sqrt2", 1.4142135), const("inv_sqrt2", 0.70710677), const("one", erf_add),
+                     const("half", 0.5)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+
+
+def _run_onnx(model: Any, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize("order", ["half_then_x", "x_then_half", "half_x", "mul_inv_sqrt2"])
+def test_exact_gelu_subgraphs_become_one_gelu_node_computing_the_same(order):
+    from airflow_modelopt.container.steps.tflite_quantize.onnx_rewrite import fuse_gelu, remaining_erf
+
+    model = _gelu_graph(order)
+    x = np.linspace(-4, 4, 10, dtype=np.float32).reshape(2, 5)
+    before = _run_onnx(model, x)
+    assert fuse_gelu(model) == 1
+    assert [n.op_type for n in model.graph.node] == ["Gelu"] and remaining_erf(model) == 0
+    assert model.graph.node[0].input[0] == "x" and model.graph.node[0].output[0] == "y"
+    assert model.opset_import[0].version == 20  # Gelu is an opset-20 op
+    np.testing.assert_allclose(_run_onnx(model, x), before, atol=1e-6)
+
+
+def test_an_erf_that_is_no_gelu_is_left_for_onnx2tf():
+    from airflow_modelopt.container.steps.tflite_quantize.onnx_rewrite import fuse_gelu, remaining_erf
+
+    model = _gelu_graph("half_then_x", erf_add=2.0)  # (2 + erf(x/sqrt2)) * 0.5 * x: not GELU
+    assert fuse_gelu(model) == 0
+    assert remaining_erf(model) == 1 and model.opset_import[0].version == 18
+
+
+@pytest.mark.parametrize(("allow_flex", "pseudo", "notes"), [
+    (False, ["erf"], {"pseudo_ops": ["Erf"]}),
+    (True, [], {"erf_kept": 1}),
+])
+def test_onnx_path_builds_other_erf_from_builtins_unless_flex_is_allowed(allow_flex, pseudo, notes, tmp_path):
+    from airflow_modelopt.container.steps.tflite_quantize.common import SourceModel
+    from airflow_modelopt.container.steps.tflite_quantize.tf_paths import OnnxPath
+
+    spec = TFLiteQuantizeSpec(model_uri="models:/m/1", mode="fp32", allow_select_tf_ops=allow_flex)
+    path = OnnxPath(SourceModel("onnx", "onnx", tmp_path / "m.onnx", tmp_path), spec, tmp_path)
+    assert path._lower_ops(_gelu_graph("half_then_x", erf_add=2.0)) == pseudo
+    assert path._notes == notes
+    gelu = OnnxPath(SourceModel("onnx", "onnx", tmp_path / "m.onnx", tmp_path), spec, tmp_path)
+    assert gelu._lower_ops(_gelu_graph("half_then_x")) == [] and gelu._notes == {"gelu_fused": 1}
+
+
+# -- the integer-only check and input-side lookups (flatbuffer.py, check.py) ------------------------
+
+
+def _lookup_model(*, ids_from_input: bool = True, table_constant: bool = True, reader: str = "QUANTIZE",
+                  op: str = "EMBEDDING_LOOKUP", reshape_ids: bool = True) -> bytes:
+    """A hand-made flatbuffer: int32 ids [1, 4] -> (RESHAPE) -> lookup in a float table [10, 3] -> ``reader``
+    -> int8. Never run, only read."""
+    from ai_edge_litert import schema_py_generated as s
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    model = s.ModelT()
+    model.version = 3
+    ops = ["RESHAPE", op, reader, "ADD"]
+    model.operatorCodes = []
+    for name in ops:
+        code = s.OperatorCodeT()
+        code.builtinCode = code.deprecatedBuiltinCode = getattr(s.BuiltinOperator, name)
+        code.deprecatedBuiltinCode = min(code.builtinCode, 127)
+        model.operatorCodes.append(code)
+    buffers = [s.BufferT()]
+
+    def tensor(name: str, dtype: str, shape: list[int], data: bytes | None = None) -> Any:
+        t = s.TensorT()
+        t.name, t.type, t.shape = name.encode(), getattr(s.TensorType, dtype), shape
+        t.buffer = 0
+        if data is not None:
+            b = s.BufferT()
+            b.data = list(data)
+            buffers.append(b)
+            t.buffer = len(buffers) - 1
+        return t
+
+    graph = s.SubGraphT()
+    graph.tensors = [
+        tensor("ids", "INT32" if ids_from_input else "FLOAT32", [1, 4]),  # 0
+        tensor("shape", "INT32", [1], np.array([4], np.int32).tobytes()),  # 1
+        tensor("flat_ids", "INT32", [4]),  # 2
+        tensor("table", "FLOAT32", [10, 3], np.ones((10, 3), np.float32).tobytes() if table_constant else None),  # 3
+        tensor("emb", "FLOAT32", [4, 3]),  # 4
+        tensor("q", "INT8" if reader == "QUANTIZE" else "FLOAT32", [4, 3]),  # 5
+    ]
+
+    def operator(name: str, ins: list[int], outs: list[int]) -> Any:
+        o = s.OperatorT()
+        o.opcodeIndex, o.inputs, o.outputs = ops.index(name), ins, outs
+        return o
+
+    ids = 2 if reshape_ids else 0
+    graph.operators = ([operator("RESHAPE", [0, 1], [2])] if reshape_ids else []) + [
+        operator(op, [ids, 3] if op == "EMBEDDING_LOOKUP" else [3, ids], [4]),
+        operator(reader, [4], [5]),
+    ]
+    graph.inputs = [0] + ([] if table_constant else [3])
+    graph.outputs = [5]
+    model.subgraphs = [graph]
+    model.buffers = buffers
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+
+def _int8_spec() -> TFLiteQuantizeSpec:
+    return TFLiteQuantizeSpec(model_uri="models:/m/1", mode="int8", calibration_data_uri="file:///c.npz")
+
+
+@pytest.mark.parametrize("op", ["EMBEDDING_LOOKUP", "GATHER"])
+@pytest.mark.parametrize("reshape_ids", [True, False])
+def test_an_input_side_lookup_feeding_quantize_passes_the_integer_only_check_and_is_reported(op, reshape_ids):
+    from airflow_modelopt.container.steps.tflite_quantize.check import check_integer_only
+    from airflow_modelopt.container.steps.tflite_quantize.flatbuffer import analyze
+
+    report = analyze(_lookup_model(op=op, reshape_ids=reshape_ids))
+    assert report.float_ops == {op: 1}  # still counted as float
+    assert report.input_lookups == {op: 1} and report.as_info()["float_input_lookups"] == {op: 1}
+    check_integer_only(report, _int8_spec())
+
+
+@pytest.mark.parametrize("variant", [
+    {"reader": "ADD"},  # the lookup's float output is computed on, not quantized at once
+    {"table_constant": False},  # the table is an input, not a constant
+    {"ids_from_input": False},  # the ids are no integer graph input
+])
+def test_a_lookup_anywhere_else_stays_refused_by_the_integer_only_check(variant):
+    from airflow_modelopt.container.steps.tflite_quantize.check import check_integer_only
+    from airflow_modelopt.container.steps.tflite_quantize.flatbuffer import analyze
+    from airflow_modelopt.exceptions import ConversionFailed
+
+    report = analyze(_lookup_model(**variant))
+    assert report.input_lookups == {}
+    with pytest.raises(ConversionFailed, match="EMBEDDING_LOOKUP"):
+        check_integer_only(report, _int8_spec())

@@ -10,7 +10,11 @@
 3. Convert and quantize: fp32, fp16, dynamic-range int8, or full int8 calibrated on the
    calibration data with int8/uint8/float32 I/O.
 4. Read the flatbuffer (``flatbuffer.py``): ops left in float, Flex and custom ops; full int8 must
-   leave no op in float (``check.py``).
+   leave no op in float (``check.py``) but an input-side table lookup (EMBEDDING_LOOKUP/GATHER of a
+   constant table by the integer input ids, read only by QUANTIZE: where token ids enter the integer
+   graph), which is reported (``float_input_lookups``) and tagged (``modelopt.tflite.float_input_ops``).
+   The ONNX path lowers exact GELU to TFLite's GELU builtin and other Erf to builtins unless Flex ops
+   are allowed (``onnx_rewrite.py``; tagged ``modelopt.tflite.lowered_ops``).
 5. Write ``model.tflite`` and ``modelopt_signature.json`` (input/output names, shapes, dtypes,
    layouts, int8 quantization parameters), load them through the runtimes layer, run source and
    TFLite model on calibration samples and log their agreement (``check.py``).
@@ -38,6 +42,8 @@ TAG_PATH = "modelopt.tflite.path"
 TAG_MODE = "modelopt.tflite.mode"
 TAG_CONVERTER = "modelopt.tflite.converter"
 TAG_FALLBACK = "modelopt.tflite.fallback_reason"
+TAG_FLOAT_INPUT = "modelopt.tflite.float_input_ops"
+TAG_LOWERED = "modelopt.tflite.lowered_ops"
 
 
 def run(spec: TFLiteQuantizeSpec, ctx: StepContext) -> StepOutput:
@@ -53,6 +59,14 @@ def run(spec: TFLiteQuantizeSpec, ctx: StepContext) -> StepOutput:
     ctx.client.set_tag(ctx.run_id, TAG_CONVERTER, f"{info['converter']} {info['converter_version']}")
     ctx.log_params({"tflite_converter": info["converter"], "tflite_converter_version": info["converter_version"],
                     "tflite_source": info["converted_from"]})
+
+    if info.get("float_input_lookups"):
+        # int8's one allowed float op (check.py): an input-side table lookup, quantized right after
+        ctx.client.set_tag(ctx.run_id, TAG_FLOAT_INPUT, "; ".join(
+            f"{op} x{n}: a constant float table looked up by the integer input ids, its output quantized at once "
+            "(the integer-only equivalent of a quantized float input)" for op, n in info["float_input_lookups"].items()))
+    if info.get("lowered_ops"):  # ops the ONNX path lowered to TFLite builtins before onnx2tf (onnx_rewrite.py)
+        ctx.client.set_tag(ctx.run_id, TAG_LOWERED, ", ".join(f"{k}={v}" for k, v in info["lowered_ops"].items()))
 
     from airflow_modelopt.container.pyfunc import log_step_deployable
 

@@ -91,6 +91,9 @@ def convert_one(spec: TFLiteQuantizeSpec, model_path: Path, calibration_path: Pa
     conversion = path.convert(calibration, workdir)
     report = analyze(conversion.content)
     check_integer_only(report, spec)
+    if spec.mode == "int8" and report.input_lookups:
+        log.info("Left in float: %s, the input-side lookup of a constant table by the integer input ids, quantized "
+                 "right after it (allowed in int8: it is where the ids enter the integer graph)", report.input_lookups)
     signature, layout_info = build_signature(report, path)
     log.info("Converted in %.2f s: %d bytes, %d ops (%d in float, %d Flex, %d custom)",
              conversion.conversion_time_s, len(conversion.content), report.op_count,

@@ -96,7 +96,11 @@ def build_signature(report: FlatbufferReport, path: Any) -> tuple[ModelSignature
 def check_integer_only(report: FlatbufferReport, spec: TFLiteQuantizeSpec) -> None:
     if spec.mode != "int8":
         return
-    left = {op: n for op, n in report.float_ops.items() if op not in report.flex_ops}
+    # An input-side lookup (integer ids from a graph input, a constant table, read by QUANTIZE only)
+    # is allowed: it is where the model's input enters the integer graph (reported as
+    # ``float_input_lookups``); any other float op is refused.
+    left = {op: n - report.input_lookups.get(op, 0) for op, n in report.float_ops.items() if op not in report.flex_ops}
+    left = {op: n for op, n in left.items() if n > 0}
     if left:
         names = ", ".join(f"{op} (x{n})" for op, n in left.items())
         raise ConversionFailed(

@@ -15,6 +15,11 @@ import numpy as np
 
 #: Ops that only convert between precisions; they do not count as "left in float".
 CONVERSION_OPS = frozenset({"QUANTIZE", "DEQUANTIZE"})
+#: Table lookups and the position of their (index, table) inputs.
+LOOKUP_OPS = {"EMBEDDING_LOOKUP": (0, 1), "GATHER": (1, 0)}
+_INTEGER_TYPES = {"INT8", "UINT8", "INT16", "INT32", "INT64", "UINT32", "UINT64"}
+#: Ops that move or narrow integer ids without computing on them (the ids keep their meaning).
+_ID_PASSING_OPS = frozenset({"RESHAPE", "SQUEEZE", "EXPAND_DIMS", "TRANSPOSE", "CAST"})
 
 
 def _schema() -> Any:
@@ -63,6 +68,9 @@ class FlatbufferReport:
     custom_ops: dict[str, int]
     conversion_ops: int
     signature: SignatureInfo
+    #: Of ``float_ops``: lookups of a constant float table by integer ids that are a graph input (maybe
+    #: reshaped or cast), whose output only feeds QUANTIZE ops (the integer-only equivalent of a quantized float input).
+    input_lookups: dict[str, int] = field(default_factory=dict)
 
     def as_info(self) -> dict[str, Any]:
         return {
@@ -71,6 +79,7 @@ class FlatbufferReport:
             "float_ops": self.float_ops,
             "flex_ops": self.flex_ops,
             "custom_ops": self.custom_ops,
+            "float_input_lookups": self.input_lookups,
             "signature_key": self.signature.key,
         }
 
@@ -97,11 +106,23 @@ def analyze(content: bytes) -> FlatbufferReport:
     float_ops: collections.Counter[str] = collections.Counter()
     flex: collections.Counter[str] = collections.Counter()
     custom: collections.Counter[str] = collections.Counter()
+    lookups: collections.Counter[str] = collections.Counter()
     conversions = 0
     for s in range(model.SubgraphsLength()):
         graph = model.Subgraphs(s)
         tensor_types = [types.get(graph.Tensors(t).Type(), "?") for t in range(graph.TensorsLength())]
         constant = [_is_constant(model, graph.Tensors(t)) for t in range(graph.TensorsLength())]
+        # integer graph inputs, and what only reshapes or casts them to integers (ops are in execution order)
+        ids = {int(t) for t in _as_list(graph.InputsAsNumpy()) if tensor_types[int(t)] in _INTEGER_TYPES}
+        consumers: dict[int, list[str]] = collections.defaultdict(list)  # tensor -> names of the ops reading it
+        for o in range(graph.OperatorsLength()):
+            op = graph.Operators(o)
+            ins, outs = _as_list(op.InputsAsNumpy()), _as_list(op.OutputsAsNumpy())
+            for t in ins:
+                consumers[int(t)].append(codes[op.OpcodeIndex()][1])
+            if codes[op.OpcodeIndex()][1] in _ID_PASSING_OPS and ins and int(ins[0]) in ids and len(outs) == 1 \
+                    and tensor_types[int(outs[0])] in _INTEGER_TYPES:
+                ids.add(int(outs[0]))
         for o in range(graph.OperatorsLength()):
             op = graph.Operators(o)
             kind, name = codes[op.OpcodeIndex()]
@@ -116,6 +137,8 @@ def analyze(content: bytes) -> FlatbufferReport:
             tensors = [int(t) for t in (*_as_list(op.InputsAsNumpy()), *_as_list(op.OutputsAsNumpy())) if t >= 0]
             if any(tensor_types[t] in _FLOAT_TYPES and not constant[t] for t in tensors):
                 float_ops[name] += 1
+                if kind == "builtin" and _is_input_lookup(name, op, tensor_types, constant, ids, consumers):
+                    lookups[name] += 1
     return FlatbufferReport(
         op_count=sum(histogram.values()),
         op_histogram=dict(sorted(histogram.items())),
@@ -124,7 +147,25 @@ def analyze(content: bytes) -> FlatbufferReport:
         custom_ops=dict(sorted(custom.items())),
         conversion_ops=conversions,
         signature=_main_signature(model, types),
+        input_lookups=dict(sorted(lookups.items())),
     )
+
+
+def _is_input_lookup(name: str, op: Any, tensor_types: list[str], constant: list[bool], ids: set[int],
+                     consumers: dict[int, list[str]]) -> bool:
+    """EMBEDDING_LOOKUP or GATHER of a constant float table by integer ids that are a graph input
+    (maybe reshaped or cast, ``ids``), its output read by QUANTIZE ops only: the float part of it is
+    the model's edge, as a float input quantized by a QUANTIZE is."""
+    if name not in LOOKUP_OPS:
+        return False
+    ins, outs = _as_list(op.InputsAsNumpy()), _as_list(op.OutputsAsNumpy())
+    index_at, table_at = LOOKUP_OPS[name]
+    if len(ins) < 2 or len(outs) != 1:
+        return False
+    index, table, out = int(ins[index_at]), int(ins[table_at]), int(outs[0])
+    return (index in ids
+            and constant[table] and tensor_types[table] in _FLOAT_TYPES
+            and bool(consumers.get(out)) and all(c == "QUANTIZE" for c in consumers[out]))
 
 
 def _as_list(values: Any) -> list[int]:

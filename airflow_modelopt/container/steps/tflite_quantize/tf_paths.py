@@ -238,6 +238,7 @@ class OnnxPath:
         self.inputs: list[TensorIO] = []
         self.outputs: list[TensorIO] = []
         self._calibration: dict[str, np.ndarray] | None = None
+        self._notes: dict[str, Any] = {}  # ops lowered before onnx2tf (``_lower_ops``)
 
     def load(self) -> None:
         import onnx
@@ -277,7 +278,8 @@ class OnnxPath:
         content, seconds = self.saved.convert(calibration, self.inputs, what="SavedModel from onnx2tf")
         return Conversion(content, onnx2tf_seconds + seconds,
                           quantizer="tflite_converter" if self.spec.mode != "fp32" else "none",
-                          notes={"onnx2tf_time_s": round(onnx2tf_seconds, 3)})
+                          notes={"onnx2tf_time_s": round(onnx2tf_seconds, 3),
+                                 **({"lowered_ops": dict(self._notes)} if self._notes else {})})
 
     def _simplified(self) -> Any:
         """onnx-simplifier once, in process (onnx2tf would run its CLI three times)."""
@@ -305,7 +307,9 @@ class OnnxPath:
 
         src = workdir / "onnx2tf_input" / "model.onnx"
         src.parent.mkdir(parents=True, exist_ok=True)
-        onnx.save(self._simplified(), str(src))  # self-contained copy: onnx2tf rewrites its input
+        model = self._simplified()
+        pseudo = self._lower_ops(model)
+        onnx.save(model, str(src))  # self-contained copy: onnx2tf rewrites its input
         out = workdir / "onnx2tf_saved_model"
         names = [i.name for i in self.inputs]
         hook = self._test_images
@@ -323,6 +327,7 @@ class OnnxPath:
                     not_use_onnxsim=True,
                     batch_size=self.spec.batch_size,
                     keep_ncw_or_nchw_or_ncdhw_input_names=names if self.spec.keep_nchw else None,
+                    replace_to_pseudo_operators=pseudo or None,
                     non_verbose=True,
                 )
         except (Exception, SystemExit) as exc:  # noqa: BLE001 - onnx2tf exits on errors
@@ -334,6 +339,30 @@ class OnnxPath:
                                    + clean(buf.getvalue() if buf else "")[-1500:])
         shutil.rmtree(src.parent, ignore_errors=True)
         return out
+
+    def _lower_ops(self, model: Any) -> list[str]:
+        """Ops with no TFLite builtin lowered to ones that have one (``onnx_rewrite.py``): exact GELU
+        subgraphs fused into Gelu (TFLite's GELU), and any other Erf given to onnx2tf to build from
+        builtins unless Flex ops are allowed. What was done goes into the conversion's notes;
+        returns onnx2tf's ``replace_to_pseudo_operators``."""
+        from airflow_modelopt.container.steps.tflite_quantize.onnx_rewrite import fuse_gelu, remaining_erf
+
+        fused = fuse_gelu(model)
+        if fused:
+            self._notes["gelu_fused"] = fused
+            log.info("onnx2tf input: %d exact GELU subgraph(s) (Div, Erf, Add, Mul, Mul) fused into Gelu, "
+                     "which TFLite runs as its GELU builtin", fused)
+        erf = remaining_erf(model)
+        if not erf:
+            return []
+        if self.spec.allow_select_tf_ops:
+            self._notes["erf_kept"] = erf
+            log.info("onnx2tf input: %d Erf op(s) kept as tf.Erf (Flex ops allowed)", erf)
+            return []
+        self._notes["pseudo_ops"] = ["Erf"]
+        log.info("onnx2tf input: %d Erf op(s) built from TFLite builtins (onnx2tf replace_to_pseudo_operators=erf; "
+                 "Flex ops are not allowed)", erf)
+        return ["erf"]
 
     def _test_images(self) -> np.ndarray:
         """onnx2tf's sample-image hook: our calibration data (NHWC), never a download."""
