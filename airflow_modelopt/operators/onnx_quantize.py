@@ -27,9 +27,9 @@ class OnnxQuantizeOperator(ModelOptOperator):
 
     Transformers: ``optimize_transformer="auto"`` (default) fuses a graph with attention (a Softmax
     between two activation MatMuls) before dynamic quantization: self-attention into ONNX
-    Runtime's ``Attention`` op (int8 ``QAttention`` once quantized), Add+LayerNorm into
-    ``SkipLayerNormalization``, GELU into ``BiasGelu``; search mode tries each dynamic configuration
-    fused (``fused_<config>``) and not. The fused graph must reproduce the source's outputs on the
+    Runtime's ``Attention`` op (int8 ``QAttention`` once quantized), GELU into ``BiasGelu``
+    (Add+LayerNorm stays unfused: ORT's SkipLayerNormalization ran slower on CPU); search mode
+    tries each dynamic configuration fused (``fused_<config>``) and not. The fused graph must reproduce the source's outputs on the
     evaluation data or it is not used. What fused is in ``info["transformer_fusion"]``, the metrics
     ``fused_nodes.<op>`` and the run tag ``modelopt.onnx_quantize.transformer_fusion``. ``"on"``
     quantizes the fused graph in every mode, ``"off"`` never fuses; ``num_heads`` overrides the head

@@ -153,7 +153,8 @@ class OnnxQuantizeSpec(StepSpec):
     optimize_transformer: TransformerFusion = Field(
         "auto",
         description="Transformer graph fusions before quantizing: self-attention blocks into ONNX Runtime's fused "
-        "Attention op, Add+LayerNormalization into SkipLayerNormalization, GELU into BiasGelu/FastGelu. auto: when "
+        "Attention op, GELU into BiasGelu/FastGelu (Add+LayerNormalization stays unfused: ORT's CPU "
+        "SkipLayerNormalization kernel ran slower than the two ops). auto: when "
         "the graph has attention (a Softmax between two activation MatMuls), dynamic quantization runs on the fused "
         "graph (its QAttention and DynamicQuantizeMatMul kernels are what make int8 pay on transformers) and search "
         "mode tries each dynamic configuration both fused (fused_<config>) and not; on: every configuration "

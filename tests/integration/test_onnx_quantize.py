@@ -307,7 +307,8 @@ def test_dynamic_int8_of_a_transformer_quantizes_the_fused_graph_and_records_wha
     assert info["chosen_config"] == "fused_dynamic_s8_per_channel"
     fusion = info["transformer_fusion"]
     assert fusion["applied"] and fusion["attention_blocks"] == 2 and fusion["num_heads"] == [2]
-    assert fusion["new_fused_nodes"]["Attention"] == 2 and fusion["new_fused_nodes"]["SkipLayerNormalization"] >= 2
+    assert fusion["new_fused_nodes"]["Attention"] == 2 and fusion["new_fused_nodes"]["BiasGelu"] == 2
+    assert "SkipLayerNormalization" not in fusion["new_fused_nodes"]  # slower than Add + LayerNorm on CPU
     assert fusion["check"]["max_abs_error"] <= fusion["check"]["tolerance"]  # the fused fp32 graph = the source
     assert metrics["fused_nodes.Attention"] == 2 and metrics["transformer_fusion"] == 1.0
 
@@ -321,7 +322,7 @@ def test_dynamic_int8_of_a_transformer_quantizes_the_fused_graph_and_records_wha
     assert metrics["size_ratio"] < 0.6
 
     tags = mlflow_server.client().get_run(run.result["mlflow_run_id"]).data.tags
-    assert tags["modelopt.onnx_quantize.transformer_fusion"].startswith("Attention 2, SkipLayerNormalization")
+    assert tags["modelopt.onnx_quantize.transformer_fusion"].startswith("Attention 2, BiasGelu 2")
     assert tags["modelopt.onnx_quantize.transformer_fusion"].endswith("chosen model uses it")
 
 
