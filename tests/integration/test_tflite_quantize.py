@@ -697,3 +697,30 @@ def test_onnx_path_turns_exact_gelu_into_the_tflite_builtin_instead_of_a_flex_er
     agree = float((logits.argmax(1) == bert_tiny["logits"].argmax(1)).mean())
     print(f"\n  bert_tiny int8 via onnx2tf: top-1 agreement {agree:.3f}")
     assert agree >= 0.6
+
+
+@pytest.mark.parametrize("allow_flex", [False, True])
+def test_an_erf_that_is_no_gelu_is_built_from_builtins_unless_flex_is_allowed(allow_flex, mlflow_server, tmp_path):
+    """(2 + erf(x / sqrt 2)) * x: onnx2tf builds the Erf from builtins (ABS, EXP, ...) when Flex ops are not
+    allowed (recorded as lowered_ops), else it stays a Flex Erf (recorded as a Flex op)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Div", ["x", "sqrt2"], ["s"]), helper.make_node("Erf", ["s"], ["e"]),
+             helper.make_node("Add", ["e", "two"], ["a"]), helper.make_node("Mul", ["x", "a"], ["y"])]
+    consts = [helper.make_tensor(n, TensorProto.FLOAT, [], [v]) for n, v in (("sqrt2", 1.4142135), ("two", 2.0))]
+    graph = helper.make_graph(nodes, "erf", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 5])], consts)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9), tmp_path / "erf.onnx")
+    x = np.linspace(-3, 3, 40, dtype=np.float32).reshape(8, 5)
+    np.savez(tmp_path / "cal.npz", x=x)
+    spec = {"model_uri": str(tmp_path / "erf.onnx"), "mode": "fp32", "calibration_data_uri": str(tmp_path / "cal.npz"),
+            "allow_select_tf_ops": allow_flex}
+    result = ok(run_tflite_step(spec, mlflow_server, experiment=f"{EXPERIMENT}-erf"))
+    info = result["info"]
+    if allow_flex:
+        assert info["flex_ops"] == {"FlexErf": 1} and info["lowered_ops"] == {"erf_kept": 1}
+        return
+    assert info["flex_ops"] == {} and info["lowered_ops"] == {"pseudo_ops": ["Erf"]}
+    assert {"ABS", "EXP"} <= set(info["op_histogram"])
+    assert result["metrics"]["max_abs_error"] < 1e-5  # the step's own check against ONNX Runtime
