@@ -12,7 +12,10 @@ throw-away local MLflow store:
   random weights are fine; its BatchNorm statistics are re-estimated on the benchmark images so
   activations have realistic ranges, and agreement with fp32 stands in for accuracy. Its images
   are scikit-learn's digits upscaled to 224x224 (shipped with scikit-learn: no download, and
-  real images rather than noise for calibration).
+  real images rather than noise for calibration). With ``--resnet-train-steps N`` it is first trained
+  for N SGD steps on other digits (labels 0-9), so its head has real margins and top-1 agreement
+  with fp32 (gate 0.99) means what it does on a trained model; the weights are kept in ``--workdir``.
+  The ``layerwise`` configuration's per-layer kernel choice is printed as a table.
 
 * ``bert``: the zoo's BERT-tiny-shaped encoder at BERT-tiny's width (d 128, 2 heads, 2 layers,
   sequence 128), trained for ``--bert-epochs`` on the digits as 128 tokens (pixel intensities by
@@ -23,6 +26,9 @@ throw-away local MLflow store:
 
     .venv/bin/python scripts/bench_onnx_quantize.py --threads 2 --models digits resnet18
     .venv/bin/python scripts/bench_onnx_quantize.py --models resnet18 bert --threads 2 --batch 1 --profile
+    .venv/bin/python scripts/bench_onnx_quantize.py --models resnet18 --threads 2 --batch 1 --resnet-train-steps 150 \
+        --resnet-eval 256 --configs qoperator_u8s8_per_channel qoperator_u8s8_per_channel_asymmetric \
+        qoperator_u8s8_per_channel_layerwise --profile --workdir /tmp/r18   # issue 12's int8 row
 
 ``--profile`` prints ONNX Runtime's per-op profile (``SessionOptions.enable_profiling``) of fp32 and
 the chosen int8 model side by side: where the time goes (issue 12 item 2).
@@ -39,6 +45,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import sys
 import tempfile
 from pathlib import Path
 
@@ -63,18 +71,57 @@ ALL_CONFIGS = list(SEARCH_CONFIGS)
 BERT_CONFIGS = ["qdq_u8s8_per_channel", "dynamic_u8_per_tensor", "dynamic_s8_per_channel"]
 
 
-def build_resnet(out: Path, calibration: int, evaluation: int) -> tuple[Path, Path, Path]:
+def train_resnet(model: torch.nn.Module, offset: int, steps: int, batch: int = 16) -> float:
+    """``steps`` SGD steps on the digits after the calibration and eval images (224x224, labels 0-9 of
+    the 1000-class head): a head with real margins, so int8's agreement means what it does on a trained
+    model (a random head's near-tied logits flip on any rounding). Returns the last loss."""
+    from sklearn.datasets import load_digits
+
+    labels = load_digits().target
+    rng = np.random.default_rng(0)
+    pool = np.arange(offset, len(labels))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9, weight_decay=1e-4)
+    model.train()
+    loss = torch.tensor(0.0)
+    for step in range(steps):
+        idx = rng.choice(pool, batch, replace=False)
+        x = torch.from_numpy(np.concatenate([digit_images(1, int(i)) for i in idx]))
+        loss = torch.nn.functional.cross_entropy(model(x), torch.from_numpy(labels[idx]).long())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % 10 == 0 or step == steps - 1:
+            print(f"ResNet-18 training step {step + 1}/{steps}: loss {loss.item():.3f}", file=sys.stderr, flush=True)
+    model.eval()
+    return float(loss.item())
+
+
+def build_resnet(out: Path, calibration: int, evaluation: int, train_steps: int = 0
+                 ) -> tuple[Path, Path, Path]:
+    from sklearn.datasets import load_digits
+
     torch.manual_seed(0)
     model = resnet18()
     cal = digit_images(calibration, 0)
     ev = digit_images(evaluation, calibration)
-    reestimate_batchnorm(model, cal)  # realistic activation ranges for calibration
+    if train_steps:
+        # trained weights are kept in the work folder: re-running with --workdir skips the training
+        weights = out / f"resnet18_trained_{train_steps}_after_{calibration + evaluation}.pt"
+        if weights.is_file():
+            model.load_state_dict(torch.load(weights))
+            model.eval()
+        else:
+            train_resnet(model, calibration + evaluation, train_steps)
+            torch.save(model.state_dict(), weights)
+    else:
+        reestimate_batchnorm(model, cal)  # realistic activation ranges for calibration
+    labels = load_digits().target[calibration:calibration + evaluation] if train_steps else None
     onnx_dir = out / "resnet18"
     onnx_dir.mkdir(parents=True, exist_ok=True)
     torch.onnx.export(model, (torch.from_numpy(cal[:2]),), str(onnx_dir / "model.onnx"), input_names=["x"],
                       output_names=["logits"], dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}},
                       opset_version=18, dynamo=True, external_data=True)
-    return onnx_dir, save_npz(out / "resnet_calibration.npz", cal), save_npz(out / "resnet_eval.npz", ev)
+    return onnx_dir, save_npz(out / "resnet_calibration.npz", cal), save_npz(out / "resnet_eval.npz", ev, labels)
 
 
 def build_residual(out: Path, calibration: int, evaluation: int) -> tuple[Path, Path, Path]:
@@ -126,37 +173,35 @@ def build_bert(out: Path, epochs: int) -> tuple[Path, Path, Path]:
 
 
 def op_profile(model: Path, feed: dict[str, np.ndarray], threads: int, runs: int) -> tuple[dict[str, tuple[float, int]], float]:
-    """ONNX Runtime's own per-op profile (SessionOptions.enable_profiling) of ``runs`` runs after 10
-    untimed ones, sessions set up as the runtimes layer sets them up: {op type: (ms per run, nodes)},
-    and the summed kernel time per run. Profiling adds overhead to every kernel: read the shares."""
-    import json
-    import os
+    """ONNX Runtime's own per-op profile (``onnx_quantize.layerwise.kernel_events``: the step's
+    profiler) of ``runs`` runs after 10 untimed ones: {op type: (ms per run, nodes)}, and the summed
+    kernel time per run. Profiling adds overhead to every kernel: read the shares."""
+    from airflow_modelopt.container.steps.onnx_quantize.layerwise import kernel_events
 
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.enable_profiling = True
-    options.profile_file_prefix = str(model.parent / "ort_profile")
-    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
-    for _ in range(10 + runs):
-        session.run(None, feed)
-    trace = session.end_profiling()
-    events = json.loads(Path(trace).read_text())
-    os.unlink(trace)
-    run_starts = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
-    cutoff = run_starts[10] if len(run_starts) > 10 else 0
     total: dict[str, float] = {}
     nodes: dict[str, set[str]] = {}
-    for e in events:
-        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= cutoff:
-            op = e["args"]["op_name"]
-            total[op] = total.get(op, 0.0) + e["dur"]
-            nodes.setdefault(op, set()).add(e["name"])
+    for e in kernel_events(model, feed, threads, 10, runs):
+        total[e["op"]] = total.get(e["op"], 0.0) + e["us"]
+        nodes.setdefault(e["op"], set()).add(e["node"])
     per_run = {op: (us / runs / 1000, len(nodes[op])) for op, us in sorted(total.items(), key=lambda kv: -kv[1])}
     return per_run, sum(ms for ms, _ in per_run.values())
+
+
+def local_copy(uri: str, dest: Path) -> Path:
+    """A path as it is, an artifact URI downloaded under ``dest``."""
+    return Path(uri) if Path(uri).exists() else download(uri, dest)
+
+
+def layerwise_table(record: dict) -> str:
+    """The layerwise configuration's per-QLinearConv record as a Markdown table."""
+    lines = ["| node | symmetric µs | asymmetric µs | asymmetric / symmetric | chosen |", "| --- | ---: | ---: | ---: | --- |"]
+    for e in record["per_node"]:
+        sym, asym = e["symmetric_us"], e["asymmetric_us"]
+        ratio = f"{asym / sym:.2f}" if sym and asym else ""
+        lines.append(f"| {e['node']} | {sym or ''} | {asym or ''} | {ratio} | {e['chosen']} {e.get('why', '')} |")
+    lines.append(f"| **total** | **{record['symmetric_us']}** | **{record['asymmetric_us']}** | | "
+                 f"**composed {record['composed_us']}** ({record['asymmetric']} of {record['nodes']} asymmetric) |")
+    return "\n".join(lines) + "\n"
 
 
 def profile_table(profiles: dict[str, tuple[dict[str, tuple[float, int]], float]], top: int = 12) -> str:
@@ -201,9 +246,12 @@ def main() -> int:
     parser.add_argument("--calibration-method", default="MinMax", choices=["MinMax", "Entropy", "Percentile"])
     parser.add_argument("--resnet-calibration", type=int, default=64, help="calibration images for ResNet-18")
     parser.add_argument("--resnet-eval", type=int, default=64, help="evaluation images for ResNet-18")
-    parser.add_argument("--resnet-min-agreement", type=float, default=0.8,
-                        help="ResNet-18's top-1 agreement gate: its random 1000-class head has near-tied logits, so "
-                             "int8 rounding flips more argmaxes than on a trained model (default 0.8)")
+    parser.add_argument("--resnet-min-agreement", type=float, default=None,
+                        help="ResNet-18's top-1 agreement gate (default 0.99 trained, 0.8 with --resnet-train-steps 0: "
+                             "a random 1000-class head has near-tied logits, so int8 rounding flips more argmaxes)")
+    parser.add_argument("--resnet-train-steps", type=int, default=0,
+                        help="SGD steps (batch 16) on digits at 224x224 before export, so the head has real margins "
+                             "(60 take a few minutes on 2 cores; 0: random weights)")
     parser.add_argument("--residual-min-agreement", type=float, default=0.5,
                         help="the residual CNN's top-1 agreement gate (random weights; default 0.5)")
     parser.add_argument("--bert-epochs", type=int, default=6, help="training epochs of the BERT-tiny encoder")
@@ -242,10 +290,12 @@ def main() -> int:
                             {"model_uri": str(model_dir), "calibration_data_uri": str(cal), "eval_data_uri": str(ev),
                              "min_top1_agreement": args.residual_min_agreement}))
         if "resnet18" in args.models:
-            model_dir, cal, ev = build_resnet(work, args.resnet_calibration, args.resnet_eval)
-            targets.append(("ResNet-18-shaped CNN (random weights), 3x224x224",
+            model_dir, cal, ev = build_resnet(work, args.resnet_calibration, args.resnet_eval, args.resnet_train_steps)
+            gate = args.resnet_min_agreement or (0.99 if args.resnet_train_steps else 0.8)
+            weights = f"trained {args.resnet_train_steps} steps on digits" if args.resnet_train_steps else "random weights"
+            targets.append((f"ResNet-18-shaped CNN ({weights}), 3x224x224",
                             {"model_uri": str(model_dir), "calibration_data_uri": str(cal), "eval_data_uri": str(ev),
-                             "min_top1_agreement": args.resnet_min_agreement}))
+                             "min_top1_agreement": gate}))
         if "bert" in args.models:
             model_dir, cal, ev = build_bert(work, args.bert_epochs)
             targets.append(("BERT-tiny-shaped encoder (d 128, 2 heads, 2 layers, sequence 128; trained on digits as "
@@ -264,10 +314,16 @@ def main() -> int:
             print(f"chosen: {result['info']['chosen_config']} ({m['int8_latency_ms']:.3f} ms vs fp32 "
                   f"{m['fp32_latency_ms']:.3f} ms, size ratio {m['size_ratio']:.3f}, gate {result['info']['gates']})")
             print(f"transformer fusion: {result['info']['transformer_fusion']}")
+            record = json.loads(Path(mlflow.artifacts.download_artifacts(
+                result["artifacts"]["search_results"], dst_path=str(work / "r"))).read_text())
+            for config in record["configurations"]:
+                if "layerwise" in config:
+                    print(f"\n{config['config']}: per-layer kernel choice (ORT's profiler, conv kernel µs per run)\n")
+                    print(layerwise_table(config["layerwise"]))
             if args.profile:
                 chosen = download(result["artifacts"]["onnx_model"], work / "chosen" / title[:8]) / "model.onnx"
-                source = Path(spec["model_uri"]) / "model.onnx"
-                feed = {"x": np.load(spec["calibration_data_uri"])["x"][: args.batch]}
+                source = local_copy(spec["model_uri"], work / "source" / title[:8]) / "model.onnx"
+                feed = {"x": np.load(local_copy(spec["calibration_data_uri"], work / "data" / title[:8]))["x"][: args.batch]}
                 profiles = {"fp32": op_profile(source, feed, args.threads, args.profile_runs),
                             result["info"]["chosen_config"]: op_profile(chosen, feed, args.threads, args.profile_runs)}
                 print(f"\nONNX Runtime per-op profile (enable_profiling; {args.profile_runs} runs after 10, batch "
