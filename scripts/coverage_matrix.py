@@ -45,15 +45,23 @@ from airflow_modelopt.targets import builds  # noqa: E402
 #: target -> chain of (step, spec fields, artifact read by the next step / the candidate); "{pt2}",
 #: "{cal}", "{eval}", "{train}" are filled per model. The first link of ONNX chains is the export.
 EXPORT = ("torch_to_onnx", {}, "onnx_model")
+
+
+def pipeline_fields(task_id: str) -> dict[str, Any]:
+    """A build's own arguments from ``targets.py``, its data placeholders in this script's names."""
+    names = {"{calibration}": "{cal}", "{eval}": "{eval}", "{train}": "{train}"}
+    return {k: names.get(v, v) if isinstance(v, str) else v for k, v in builds()[task_id].kwargs.items()}
+
 CHAINS: dict[str, tuple[tuple[str, dict[str, Any], str], ...]] = {
     "onnx_fp32": (EXPORT,),
-    "onnx_int8_dynamic": (EXPORT, ("onnx_quantize", {"mode": "dynamic"}, "onnx_model")),
-    "onnx_int8_static": (EXPORT, ("onnx_quantize", {"mode": "static", "calibration_data_uri": "{cal}"}, "onnx_model")),
+    # the pipeline's int8 builds: onnx_quantize's measured search over static / dynamic configurations
+    "onnx_int8_dynamic": (EXPORT, ("onnx_quantize", pipeline_fields("onnx_int8_dynamic"), "onnx_model")),
+    "onnx_int8_static": (EXPORT, ("onnx_quantize", pipeline_fields("onnx_int8_static"), "onnx_model")),
     "tflite_fp16": (EXPORT, ("tflite_quantize", {"mode": "fp16"}, "tflite_model")),
     "tflite_int8": (EXPORT, ("tflite_quantize", {"mode": "int8", "calibration_data_uri": "{cal}"}, "tflite_model")),
     # the pipeline's own prune build (50% channels, its fine-tune schedule), on the zoo model's splits
     "pruned_onnx_int8": (("prune", dict(builds()["prune"].kwargs), "model_pt2"),
-                         EXPORT, ("onnx_quantize", {"mode": "static", "calibration_data_uri": "{cal}"}, "onnx_model")),
+                         EXPORT, ("onnx_quantize", pipeline_fields("pruned_onnx_int8"), "onnx_model")),
     "torch_int8": (("torch_quantize", {"mode": "static", "calibration_data_uri": "{cal}", "export_onnx": False},
                     "model_pt2"),),
     "openvino_fp32": (EXPORT, ("openvino_convert", {"precision": "fp32", "throughput_seconds": 0}, "openvino_model")),
