@@ -81,6 +81,7 @@ def train_resnet(model: torch.nn.Module, offset: int, steps: int, batch: int = 1
     rng = np.random.default_rng(0)
     pool = np.arange(offset, len(labels))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     model.train()
     loss = torch.tensor(0.0)
     for step in range(steps):
@@ -90,6 +91,7 @@ def train_resnet(model: torch.nn.Module, offset: int, steps: int, batch: int = 1
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        schedule.step()
         if step % 10 == 0 or step == steps - 1:
             print(f"ResNet-18 training step {step + 1}/{steps}: loss {loss.item():.3f}", file=sys.stderr, flush=True)
     model.eval()
@@ -106,7 +108,7 @@ def build_resnet(out: Path, calibration: int, evaluation: int, train_steps: int 
     ev = digit_images(evaluation, calibration)
     if train_steps:
         # trained weights are kept in the work folder: re-running with --workdir skips the training
-        weights = out / f"resnet18_trained_{train_steps}_after_{calibration + evaluation}.pt"
+        weights = out / f"resnet18_trained_{train_steps}_cosine_after_{calibration + evaluation}.pt"
         if weights.is_file():
             model.load_state_dict(torch.load(weights))
             model.eval()
