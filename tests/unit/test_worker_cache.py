@@ -104,3 +104,49 @@ def test_the_worker_hashes_the_code_the_step_hashes():
     from airflow_modelopt.container import runner
 
     assert worker_cache.local_code_digest() == worker_cache.local_code_digest() == runner.code_digest()
+
+
+# -- the step process ends without the interpreter's teardown (container/cli.py) ---------------------
+
+_EXIT_PROBE = """
+import atexit, sys, threading, time
+from pathlib import Path
+marker = Path(sys.argv[1])
+atexit.register(lambda: print("atexit handler ran", file=sys.stderr, flush=True))
+threading.Thread(target=lambda: (time.sleep(0.3), marker.write_text("thread finished"))).start()
+from concurrent.futures import ThreadPoolExecutor
+pool = ThreadPoolExecutor(2)  # idle non-daemon workers: they stop only when the exit tells them to
+pool.submit(time.sleep, 0.1)
+class TornDown:
+    def __del__(self):
+        print("module teardown ran", file=sys.stderr, flush=True)
+keep = TornDown()
+sys.argv = ["airflow-modelopt", "run", "validate", "--spec", "{}"]
+from airflow_modelopt.container.cli import main
+raise SystemExit(main())
+"""
+
+
+def test_a_step_process_exits_early_yet_keeps_its_exit_code_log_threads_and_atexit_handlers(tmp_path):
+    """``airflow-modelopt run`` skips the module teardown (seconds with torch and MLflow loaded),
+    but what a normal exit does for the step still happens: its exit code (2: bad spec), its error
+    line, a running non-daemon thread's work, idle thread-pool workers stopped (not waited for
+    forever), and the atexit handlers (MLflow's, logging's flush)."""
+    import subprocess
+    import sys
+
+    marker = tmp_path / "thread.txt"
+    proc = subprocess.run([sys.executable, "-c", _EXIT_PROBE, str(marker)], capture_output=True, text=True,
+                          timeout=60)  # an exit that waits for idle pool workers never ends
+    assert proc.returncode == 2, proc.stderr
+    assert "modelopt: error: invalid" in proc.stderr
+    assert "atexit handler ran" in proc.stderr
+    assert marker.read_text() == "thread finished"
+    assert "module teardown ran" not in proc.stderr  # the seconds this saves
+
+
+def test_main_called_in_process_returns_instead_of_exiting(monkeypatch):
+    from airflow_modelopt.container import cli
+
+    monkeypatch.setattr(cli, "_exit_now", lambda code: pytest.fail("an in-process call must not end the process"))
+    assert cli.main(["run", "validate", "--spec", "{}"]) == 2
