@@ -18,6 +18,7 @@ Standard library only (no pydantic, no MLflow): the hardware probe's fresh proce
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import platform
@@ -29,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 from airflow_modelopt.version import __version__
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from airflow_modelopt.specs import StepResult, StepSpec
 
 #: Tags that tie MLflow runs to Airflow.
@@ -126,12 +129,38 @@ def local_code_digest() -> str:
         return __version__
 
 
+#: Steps whose local-mode result depends on an optional converter that the step's Python may or may
+#: not reach: the module, and the variable naming another Python that has it (``LITERT_PYTHON_ENV``
+#: in ``specs/tflite_quantize.py``; the operator sets it from ``[modelopt] litert_python``). Without
+#: it the step converts the ONNX fallback: another model, which must not be reused once it is there.
+#: An image fixes what it has (its digest or reference is in the key): local mode only.
+OPTIONAL_CONVERTERS = {"tflite_quantize": ("litert_torch", "MODELOPT_LITERT_PYTHON")}
+
+
+def reachable_converters(spec: StepSpec, environ: Mapping[str, str] | None = None) -> dict[str, str] | None:
+    """For a local-mode step in :data:`OPTIONAL_CONVERTERS`, where its converter is: ``here`` (the
+    step's Python, this one, has it), ``python:<path>`` (the Python the step's environment ``environ``
+    names, default this process's), or ``none``; None for any other step or mode."""
+    entry = OPTIONAL_CONVERTERS.get(spec.step)
+    if entry is None or spec.context.execution_mode != "local":
+        return None
+    module, variable = entry
+    if importlib.util.find_spec(module) is not None:
+        return {module: "here"}
+    python = (os.environ if environ is None else environ).get(variable, "").strip()
+    if python and os.path.exists(python):
+        return {module: f"python:{os.path.abspath(python)}"}
+    return {module: "none"}
+
+
 def cache_key(spec: StepSpec, input_digests: dict[str, str], *, code: str | None = None,
-              hardware: dict[str, str] | None = None) -> str:
+              hardware: dict[str, str] | None = None, environ: Mapping[str, str] | None = None) -> str:
     """sha256 over the step, its parameters (inputs by content, not by URI), the code and image.
 
     ``code``: the container code's digest (default: this installation's); ``hardware``: for steps
-    whose results depend on the machine, its fingerprint (default: this machine's)."""
+    whose results depend on the machine, its fingerprint (default: this machine's); ``environ``: the
+    step process's environment, for where an optional converter is (:func:`reachable_converters`;
+    default this process's)."""
     params = {k: v for k, v in spec.params().items() if k not in spec.input_fields}
     payload: dict[str, Any] = {
         "step": spec.step,
@@ -143,6 +172,9 @@ def cache_key(spec: StepSpec, input_digests: dict[str, str], *, code: str | None
     }
     if spec.cache_per_machine:  # measurements: a result from other hardware is not this one's
         payload["hardware"] = hardware if hardware is not None else hardware_fingerprint()
+    converters = reachable_converters(spec, environ)
+    if converters is not None:
+        payload["converters"] = converters
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 

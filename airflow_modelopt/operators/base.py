@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import os
 from functools import cached_property
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
@@ -303,7 +304,8 @@ class ModelOptOperator(BaseOperator):
         python = getattr(launcher, "python", None)
         try:
             cache = worker_cache.WorkerCache(worker_cache.MlflowRest(tracking), self.log)
-            return cache.lookup(spec, python=python() if callable(python) else None)
+            return cache.lookup(spec, python=python() if callable(python) else None,
+                                environ={**os.environ, **launcher.request.tracking.public_env})
         except worker_cache.Uncertain as exc:
             self.log.info("Cache lookup on the worker: %s; starting the step", exc)
         except Exception as exc:  # noqa: BLE001 - the lookup only saves work: the step does it right

@@ -41,6 +41,7 @@ from airflow_modelopt.uris import uri_scheme
 
 if TYPE_CHECKING:
     import logging
+    from collections.abc import Mapping
 
     from airflow_modelopt.hooks.mlflow import TrackingConfig
 
@@ -291,8 +292,10 @@ class WorkerCache:
         if self.rest.search(experiment_id, query, 5):
             raise Uncertain("an earlier try left its run open; the step closes it")
 
-    def lookup(self, spec: StepSpec, *, python: str | None = None) -> StepResult:
-        """The reused result, recorded as this task's run; :class:`Uncertain` when not certain."""
+    def lookup(self, spec: StepSpec, *, python: str | None = None,
+               environ: Mapping[str, str] | None = None) -> StepResult:
+        """The reused result, recorded as this task's run; :class:`Uncertain` when not certain.
+        ``environ``: the environment the step process would get (what the key may depend on)."""
         started = time.monotonic()
         if not spec.cacheable or spec.context.force:
             raise Uncertain("force" if spec.context.force else "the step is never cached")
@@ -301,7 +304,7 @@ class WorkerCache:
         experiment_id = self.rest.experiment_id(spec.context.experiment_name)
         digests = self.input_digests(spec)
         code = self.code_digest(spec, experiment_id, python)
-        key = caching.cache_key(spec, digests, code=code)
+        key = caching.cache_key(spec, digests, code=code, environ=environ)
         hit = next((r for r in self.rest.search(experiment_id, caching.cached_filter(key), 5,
                                                 ["attributes.start_time DESC"])
                     if tags_of(r).get(caching.TAG_CACHE_HIT) != "true"), None)

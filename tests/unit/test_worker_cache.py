@@ -106,6 +106,67 @@ def test_the_worker_hashes_the_code_the_step_hashes():
     assert worker_cache.local_code_digest() == worker_cache.local_code_digest() == runner.code_digest()
 
 
+
+# -- a local TFLite entry names the converter it could reach (caching.reachable_converters) ---------
+
+
+def _tflite(mode: str = "local"):
+    return parse_spec("tflite_quantize", {"model_uri": "/m.pt2", "fallback_model_uri": "/m.onnx", "mode": "fp16",
+                                          "context": {"experiment_name": "e", "execution_mode": mode}})
+
+
+def test_a_tflite_entry_built_without_litert_is_not_reused_once_litert_is_reachable(monkeypatch, tmp_path):
+    """Without litert-torch a local TFLite step converts the ONNX fallback (another model); once
+    ``[modelopt] litert_python`` names a Python, or this one has it, that entry must not be reused."""
+    import importlib.util
+    import sys
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "litert_torch"
+                        else real_find_spec(name, *a))
+    monkeypatch.delenv("MODELOPT_LITERT_PYTHON", raising=False)
+    digests, code = {"model_uri": "1" * 64, "fallback_model_uri": "2" * 64}, "c" * 64
+    spec = _tflite()
+    fallback_only = caching.cache_key(spec, digests, code=code)
+    assert caching.cache_key(spec, digests, code=code, environ={"MODELOPT_LITERT_PYTHON": str(tmp_path / "gone")}) \
+        == fallback_only  # a Python that is not there: the fallback again
+    other_python = caching.cache_key(spec, digests, code=code, environ={"MODELOPT_LITERT_PYTHON": sys.executable})
+    assert other_python != fallback_only
+    # The step process gets the variable in its environment; the worker passes what it will give it.
+    monkeypatch.setenv("MODELOPT_LITERT_PYTHON", sys.executable)
+    assert caching.cache_key(spec, digests, code=code) == other_python
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "litert_torch"
+                        else real_find_spec(name, *a))
+    here = caching.cache_key(spec, digests, code=code)
+    assert here not in (fallback_only, other_python)
+    # An image fixes its converters (its digest or reference is in the key); other steps: no change.
+    docker = _tflite("docker")
+    assert caching.cache_key(docker, digests, code=code, environ={}) == caching.cache_key(docker, digests, code=code)
+    assert caching.reachable_converters(parse_spec("benchmark", {"model_uri": "/m.onnx"})) is None
+
+
+def test_the_worker_looks_up_with_the_litert_python_the_step_would_get(monkeypatch):
+    import sys
+
+    from airflow_modelopt.operators.tflite_quantize import TFLiteQuantizeOperator
+
+    seen = {}
+
+    def lookup(self, spec, *, python=None, environ=None):
+        seen.update(environ or {})
+        raise worker_cache.Uncertain("recorded")
+
+    monkeypatch.setattr(worker_cache.WorkerCache, "lookup", lookup)
+    monkeypatch.setattr(launchers.LocalLauncher, "launch", lambda self, context: (_ for _ in ()).throw(
+        RuntimeError(self.request.tracking.public_env.get("MODELOPT_LITERT_PYTHON"))))
+    op = TFLiteQuantizeOperator(task_id="tflite", model_uri="/m.pt2", mode="fp16", execution_mode="local",
+                                litert_python=sys.executable, retries=0)
+    op.__dict__["mlflow_hook"] = _Hook("http://127.0.0.1:1")
+    with pytest.raises(RuntimeError, match="python"):
+        op.execute({"ti": SimpleNamespace(try_number=1, dag_id="d", run_id="r")})
+    assert seen["MODELOPT_LITERT_PYTHON"] == sys.executable
+
+
 # -- the step process ends without the interpreter's teardown (container/cli.py) ---------------------
 
 _EXIT_PROBE = """
