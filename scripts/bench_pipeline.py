@@ -12,14 +12,16 @@ same task graph, a cold run, and a fully cached re-run, side by side on this mac
 Each is run under ``airflow dags test`` (one process, tasks in turn) and, with ``--scheduler``, under
 a real scheduler with the LocalExecutor (``parallelism`` 4, tasks in their own processes, triggered
 over the REST API; the e2e tier's Airflow stack). Step compute is the sum of the step runs' MLflow
-durations (start to end of each ``airflow-modelopt run``'s run). Prints one table and the ratios
-issue 12 holds the pipeline to (cached <= 1.3x floor; cold <= compute + 1.3x floor).
+durations (start to end of each ``airflow-modelopt run``'s run). Prints one table, the seconds
+Airflow recorded for each task in each run (where the time over the floor sits), the ratios issue 12
+holds the pipeline to (cached <= 1.3x floor; cold <= compute + 1.3x floor), and the command.
 
     .venv/bin/python scripts/bench_pipeline.py [--targets onnx_fp32 onnx_int8_static] [--scheduler]
 
-Run it on a checkout nobody edits meanwhile: the cache key covers the container side's code, so an
-edit under ``airflow_modelopt/container`` or ``specs`` between the runs turns the cached re-run cold
-(the table's "steps (cached)" column shows it).
+The runs use a copy of the package and the DAG taken when the script starts (``<work>/src``, first on
+``PYTHONPATH``, every process started in ``<work>``): the cache key covers the container side's code,
+so an edit of the checkout while the script runs would otherwise turn the cached re-run cold (the
+table's "steps (cached)" column shows whether it was).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -63,6 +66,17 @@ with DAG("modelopt_floor", schedule=None, start_date=datetime(2026, 1, 1), catch
 '''
 
 
+def snapshot(work: Path) -> Path:
+    """A copy of the package and the DAGs as they are now; this process and every one it starts
+    import them (``PYTHONPATH``, and ``<work>`` as the current folder, which ``python -m`` puts first)."""
+    src = work / "src"
+    for name in ("airflow_modelopt", "dags"):
+        shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(src), *filter(None, [os.environ.get("PYTHONPATH")])])
+    os.chdir(work)
+    return src
+
+
 def airflow_env(home: Path, dags: Path, tracking_uri: str) -> dict[str, str]:
     return {
         **{k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")},
@@ -87,14 +101,14 @@ def dags_test(env: dict[str, str], dag_id: str, conf: dict[str, Any]) -> float:
     return wall
 
 
-def executed_graph(env: dict[str, str], dag_id: str) -> dict[str, list[str]]:
+def executed_graph(env: dict[str, str], dag_id: str, dag_folder: Path) -> dict[str, list[str]]:
     """Task id -> upstream task ids, for the tasks the DAG's latest run did not skip."""
     code = f"""
 import json
 from airflow.dag_processing.dagbag import DagBag
 from airflow.models import DagRun, TaskInstance
 from airflow.utils.session import create_session
-dag = DagBag({str(REPO / 'dags')!r}).get_dag({dag_id!r})
+dag = DagBag({str(dag_folder)!r}).get_dag({dag_id!r})
 with create_session() as session:
     run = session.query(DagRun).filter(DagRun.dag_id == {dag_id!r}).order_by(DagRun.start_date.desc()).first()
     tis = session.query(TaskInstance).filter(TaskInstance.dag_id == {dag_id!r}, TaskInstance.run_id == run.run_id)
@@ -104,6 +118,27 @@ print(json.dumps({{t.task_id: [u for u in sorted(t.upstream_task_ids) if u in ra
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"reading the executed graph failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def task_durations(env: dict[str, str], dag_id: str) -> dict[str, float]:
+    """Task id (floor ids mapped back: ``__`` -> ``.``) -> seconds Airflow recorded for it, for the
+    DAG's latest run, plus ``(before the first task)``: from the run's start to its first task's."""
+    code = f"""
+import json
+from airflow.models import DagRun, TaskInstance
+from airflow.utils.session import create_session
+with create_session() as session:
+    run = session.query(DagRun).filter(DagRun.dag_id == {dag_id!r}).order_by(DagRun.start_date.desc()).first()
+    tis = [ti for ti in session.query(TaskInstance).filter(TaskInstance.dag_id == {dag_id!r},
+           TaskInstance.run_id == run.run_id) if ti.state == "success" and ti.start_date]
+    out = {{ti.task_id.replace("__", "."): (ti.end_date - ti.start_date).total_seconds() for ti in tis}}
+    out["(before the first task)"] = (min(ti.start_date for ti in tis) - run.start_date).total_seconds()
+print(json.dumps(out))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"reading task durations failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -122,13 +157,15 @@ def step_compute(tracking_uri: str, after_ms: int, before_ms: int) -> tuple[floa
     return total, len(window), hits, worker
 
 
-def timed(label: str, fn: Any, tracking_uri: str, rows: list[dict[str, Any]], mode: str) -> None:
+def timed(label: str, fn: Any, tracking_uri: str, rows: list[dict[str, Any]], mode: str,
+          env: dict[str, str] | None = None) -> None:
     after = int(time.time() * 1000)
     wall = fn()
     compute, steps, hits, worker = (step_compute(tracking_uri, after, int(time.time() * 1000)) if label != "floor"
                                     else (0, 0, 0, 0))
+    tasks = task_durations(env, "modelopt_floor" if label == "floor" else "modelopt_optimize") if env else {}
     rows.append({"mode": mode, "run": label, "wall_s": wall, "compute_s": compute, "steps": steps, "hits": hits,
-                 "worker": worker})
+                 "worker": worker, "tasks": tasks})
     print(f"  {mode:10s} {label:7s} wall {wall:6.1f} s  step compute {compute:6.1f} s  ({steps} steps, {hits} cached, "
           f"{worker} of them on the worker)", flush=True)
 
@@ -170,13 +207,13 @@ def scheduler_runs(env: dict[str, str], work: Path, conf: dict[str, Any], tracki
                 raise RuntimeError(f"{dag_id} run ended {state}:\n{stack.diagnostics()}")
             return time.monotonic() - started
 
-        timed("floor", lambda: trigger("modelopt_floor", {}), tracking_uri, rows, "scheduler")
+        timed("floor", lambda: trigger("modelopt_floor", {}), tracking_uri, rows, "scheduler", env)
         # force: the dags-test runs above filled the cache; this run must build everything again.
         timed("cold", lambda: trigger("modelopt_optimize", {**conf, "registered_model_name": "bench-sched",
                                                             "force": True}),
-              tracking_uri, rows, "scheduler")
+              tracking_uri, rows, "scheduler", env)
         timed("cached", lambda: trigger("modelopt_optimize", {**conf, "registered_model_name": "bench-sched"}),
-              tracking_uri, rows, "scheduler")
+              tracking_uri, rows, "scheduler", env)
     finally:
         stack.stop()
 
@@ -187,8 +224,11 @@ def main() -> None:
     parser.add_argument("--scheduler", action="store_true", help="also run under a scheduler with LocalExecutor")
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="modelopt-bench-pipeline-"))
-    print(f"work folder {work}; targets {args.targets}", flush=True)
+    work = (args.workdir or Path(tempfile.mkdtemp(prefix="modelopt-bench-pipeline-"))).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    src = snapshot(work)
+    load_before = os.getloadavg()[0]
+    print(f"work folder {work}; code measured: {src}; targets {args.targets}", flush=True)
     with mlflow_server(work / "mlflow") as store:
         uri = store["MLFLOW_TRACKING_URI"]
         trained = run_step("train_example", {"context": {"experiment_name": "modelopt_optimize"}},
@@ -198,30 +238,41 @@ def main() -> None:
                 "registered_model_name": "bench-dags-test"}
         dags = work / "dags"
         dags.mkdir()
-        (dags / "modelopt_optimize.py").symlink_to(REPO / "dags" / "modelopt_optimize.py")
+        (dags / "modelopt_optimize.py").symlink_to(src / "dags" / "modelopt_optimize.py")
         home = work / "airflow"
         env = airflow_env(home, dags, uri)
         migrate = airflow(env, "db", "migrate", timeout=900)
         if migrate.returncode != 0:
             raise RuntimeError(migrate.stderr[-2000:])
         rows: list[dict[str, Any]] = []
-        timed("cold", lambda: dags_test(env, "modelopt_optimize", conf), uri, rows, "dags test")
-        (dags / "floor_graph.json").write_text(json.dumps(executed_graph(env, "modelopt_optimize")))
+        timed("cold", lambda: dags_test(env, "modelopt_optimize", conf), uri, rows, "dags test", env)
+        (dags / "floor_graph.json").write_text(json.dumps(executed_graph(env, "modelopt_optimize", src / "dags")))
         (dags / "modelopt_floor.py").write_text(FLOOR_DAG)
-        timed("cached", lambda: dags_test(env, "modelopt_optimize", conf), uri, rows, "dags test")
-        timed("floor", lambda: dags_test(env, "modelopt_floor", {}), uri, rows, "dags test")
+        timed("cached", lambda: dags_test(env, "modelopt_optimize", conf), uri, rows, "dags test", env)
+        timed("floor", lambda: dags_test(env, "modelopt_floor", {}), uri, rows, "dags test", env)
         if args.scheduler:
             scheduler_runs(env, work, conf, uri, rows)
 
     tasks = len(json.loads((dags / "floor_graph.json").read_text()))
     print(f"\nmodelopt_optimize, targets {', '.join(args.targets)}: {tasks} tasks executed; "
-          f"this machine: {os.cpu_count()} CPUs\n")
+          f"this machine: {os.cpu_count()} CPUs, load average {load_before:.1f} at the start, "
+          f"{os.getloadavg()[0]:.1f} at the end")
+    argv = " ".join(a for a in sys.argv[1:])
+    print(f"reproduce: .venv/bin/python scripts/bench_pipeline.py{' ' + argv if argv else ''}\n")
     print("| mode | run | wall s | step compute s | steps (cached, on the worker) | wall / floor |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
         floor = next(x["wall_s"] for x in rows if x["mode"] == r["mode"] and x["run"] == "floor")
         print(f"| {r['mode']} | {r['run']} | {r['wall_s']:.1f} | {r['compute_s']:.1f} | {r['steps']} ({r['hits']}, "
               f"{r['worker']}) | {r['wall_s'] / floor:.2f}x |")
+    print("\nSeconds Airflow recorded per task (start to end of the task instance; a step task's includes its step "
+          "process):\n")
+    columns = [(r["mode"], r["run"]) for r in rows]
+    print("| task | " + " | ".join(f"{m} {run}" for m, run in columns) + " |")
+    print("| --- |" + " --- |" * len(columns))
+    for task in dict.fromkeys(t for r in rows for t in r["tasks"]):
+        print(f"| {task} | " + " | ".join(f"{r['tasks'][task]:.2f}" if task in r["tasks"] else "" for r in rows)
+              + " |")
     print()
     for mode in dict.fromkeys(r["mode"] for r in rows):
         by = {r["run"]: r for r in rows if r["mode"] == mode}
