@@ -111,6 +111,16 @@ def reached(sparsity: float, sparsity_before: float, zeros: int, total: int,
 
 
 def check_gate(spec: PruneSpec, metrics: dict[str, float]) -> None:
+    if spec.max_accuracy_drop is not None and "accuracy_drop" not in metrics and "agreement_after" in metrics:
+        # Without labels: 1 - agreement bounds the accuracy drop (only a changed prediction can lose one).
+        if 1 - metrics["agreement_after"] > spec.max_accuracy_drop + 1e-12:
+            raise GateFailed(
+                f"max_accuracy_drop: eval_data_uri has no labels and the pruned model agrees with the unpruned one "
+                f"on {metrics['agreement_after']:.4f} of its argmax predictions (1 - agreement "
+                f"{1 - metrics['agreement_after']:.4f} > {spec.max_accuracy_drop}); prune less, fine-tune longer, "
+                "ignore sensitive layers, or give labels"
+            )
+        return
     if spec.max_accuracy_drop is None or "accuracy_drop" not in metrics:
         return
     if metrics["accuracy_drop"] > spec.max_accuracy_drop + 1e-12:

@@ -242,7 +242,10 @@ def fine_tune(module: Any, inputs: dict[str, np.ndarray], names: list[str], *, l
 
 
 def accuracy(module: Any, inputs: dict[str, np.ndarray], y: np.ndarray, names: list[str]) -> float:
-    """Share of samples whose argmax output is their label ``y``."""
+    """Share of samples whose argmax output is their label ``y``; with ``y`` from :func:`predictions`
+    (one class per position of a dense output), the share of positions that agree."""
+    if y.ndim > 1:
+        return float((predictions(module, inputs, names, dense=True) == y).mean())
     correct = 0
     for i in range(0, len(y), _INFER_BATCH):
         out = forward(module, {k: v[i: i + _INFER_BATCH] for k, v in inputs.items()}, names)
@@ -250,5 +253,18 @@ def accuracy(module: Any, inputs: dict[str, np.ndarray], y: np.ndarray, names: l
     return correct / len(y)
 
 
-__all__ = ["Augmenter", "accuracy", "batch_loss", "can_augment", "distillation_loss", "fine_tune", "forward", "is_classifier",
+def predictions(module: Any, inputs: dict[str, np.ndarray], names: list[str], dense: bool = True) -> np.ndarray:
+    """The argmax over dim 1 of the first output: (N,) for a classifier, (N, ...) per position for a
+    dense output such as a segmenter's (N, classes, H, W)."""
+    n = len(inputs[names[0]])
+    parts = []
+    for i in range(0, n, _INFER_BATCH):
+        out = forward(module, {k: v[i: i + _INFER_BATCH] for k, v in inputs.items()}, names)
+        if not out or out[0].ndim < 2 or (not dense and out[0].ndim != 2):
+            raise _not_a_classifier("eval_data_uri", [list(o.shape) for o in out])
+        parts.append(out[0].argmax(axis=1))
+    return np.concatenate(parts)
+
+
+__all__ = ["Augmenter", "accuracy", "predictions", "batch_loss", "can_augment", "distillation_loss", "fine_tune", "forward", "is_classifier",
            "set_train_mode", "teacher_outputs"]
