@@ -336,3 +336,112 @@ def test_unlabelled_training_data_fine_tunes_by_distillation(mlflow_server, exam
     assert m["accuracy_drop"] <= 0.02 and m["params_after"] < 0.5 * m["params_before"], m
     tags = mlflow_server.client().get_run(run.result["mlflow_run_id"]).data.tags
     assert tags["modelopt.prune.fine_tune_signal"] == "distillation"
+
+
+# -- transformers, several inputs, dense outputs (the zoo's models) ---------------------------
+
+
+def zoo_model(name: str, tmp_path: Path, epochs: int | None = None, fine_tune_samples: int = 400) -> dict[str, Any]:
+    """A trained zoo model saved as .pt2, its train / eval splits as .npz (inputs, plus 'y' when the
+    entry has class labels; the first ``fine_tune_samples`` of the training split, which keeps the
+    prune step's fine-tune short), and the trained module for reference outputs."""
+    import dataclasses
+
+    from airflow_modelopt.container.examples.zoo import ZOO
+
+    entry = ZOO[name] if epochs is None else dataclasses.replace(ZOO[name], epochs=epochs)
+    data = entry.splits()
+    model = entry.build()
+    entry.train(model, data["train"])
+    paths = {"pt2": str(entry.export(model, data["eval"], tmp_path / f"{name}.pt2"))}
+    for split in ("train", "eval"):
+        arrays = entry.inputs(data[split])
+        if "y" in data[split]:
+            arrays["y"] = data[split]["y"]
+        if split == "train":
+            arrays = {k: v[:fine_tune_samples] for k, v in arrays.items()}
+        np.savez(tmp_path / f"{split}.npz", **arrays)
+        paths[split] = str(tmp_path / f"{split}.npz")
+    return {"entry": entry, "model": model, "data": data, "paths": paths}
+
+
+def pruned_outputs(run, zoo: dict[str, Any], tmp_path: Path) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(unpruned, pruned) outputs on the eval split; the pruned .pt2 run with a batch other than traced."""
+    import torch
+
+    pruned = torch.export.load(str(download(run.result["artifacts"]["model_pt2"], tmp_path / "pruned"))).module()
+    entry, ev = zoo["entry"], zoo["data"]["eval"]
+    with torch.no_grad():
+        got = pruned(*(torch.from_numpy(ev[n]) for n in entry.input_names))
+    got = [o.numpy() for o in (got if isinstance(got, (tuple, list)) else (got,))]
+    return entry.predict(zoo["model"], ev), got
+
+
+def test_structured_pruning_of_a_transformer_encoder_prunes_the_feed_forward_and_keeps_attention(
+        mlflow_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    zoo = zoo_model("bert_tiny", tmp_path, epochs=12)
+    run = prune(mlflow_server, model_uri=zoo["paths"]["pt2"], train_data_uri=zoo["paths"]["train"],
+                eval_data_uri=zoo["paths"]["eval"], method="structured", sparsity=0.5, fine_tune_epochs=4,
+                learning_rate=0.003, batch_size=64)
+    assert run.returncode == 0, run.output[-3000:]
+    m = run.result["metrics"]
+    assert m["params_after"] < 0.85 * m["params_before"], m
+    assert m["accuracy_drop"] <= 0.05, m
+
+    report = json.loads(download(run.result["artifacts"]["prune_report"], tmp_path / "report").read_text())
+    shapes = {name: (layer["shape_before"], layer["shape_after"]) for name, layer in report["layers"].items()}
+    for i in (0, 1):  # the feed-forward's hidden width is pruned, consistently in both of its layers
+        ff1, ff2 = shapes[f"encoder.layers.{i}.linear1"], shapes[f"encoder.layers.{i}.linear2"]
+        assert ff1[1][0] == 32 < ff1[0][0] == 64 and ff2[1] == [32, 32], shapes
+        assert shapes[f"encoder.layers.{i}.self_attn.out_proj"][1] == [32, 32]  # attention's width kept
+    kept_why = report["kept_layers_why"]
+    in_proj = [n for n, (before, _) in shapes.items() if before[0] == 96]  # q, k, v projections
+    assert len(in_proj) == 2 and all(n in kept_why and shapes[n][1] == [96, 32] for n in in_proj), kept_why
+    assert "constant" in kept_why["encoder.layers.0.self_attn.out_proj"]
+    assert kept_why["fc"] == "produces a model output"
+
+    ref, got = pruned_outputs(run, zoo, tmp_path)
+    assert got[0].shape == ref[0].shape
+    assert float((got[0].argmax(1) == ref[0].argmax(1)).mean()) >= 0.85
+
+
+def test_structured_pruning_of_a_two_input_model_follows_the_flattened_concatenation(
+        mlflow_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    zoo = zoo_model("two_io", tmp_path)
+    run = prune(mlflow_server, model_uri=zoo["paths"]["pt2"], train_data_uri=zoo["paths"]["train"],
+                eval_data_uri=zoo["paths"]["eval"], method="structured", sparsity=0.5, fine_tune_epochs=6,
+                learning_rate=0.003, batch_size=64)
+    assert run.returncode == 0, run.output[-3000:]
+    m = run.result["metrics"]
+    assert m["params_after"] < 0.5 * m["params_before"] and m["accuracy_drop"] <= 0.05, m
+    report = json.loads(download(run.result["artifacts"]["prune_report"], tmp_path / "report").read_text())
+    after = {name: layer["shape_after"] for name, layer in report["layers"].items()}
+    # The trunk reads the conv's channels flattened (4x4 each) and then the profile's features.
+    assert after["trunk.0"][1] == after["conv.0"][0] * 16 + after["prof.0"][0] < 16 * 16 + 16, after
+
+    ref, got = pruned_outputs(run, zoo, tmp_path)
+    assert [g.shape for g in got] == [r.shape for r in ref] == [(300, 10), (300, 2)]
+    assert float((got[0].argmax(1) == ref[0].argmax(1)).mean()) >= 0.9
+    assert float((got[1].argmax(1) == ref[1].argmax(1)).mean()) >= 0.8
+
+
+def test_eval_data_without_labels_measures_agreement_with_the_unpruned_segmenter(mlflow_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    zoo = zoo_model("unet", tmp_path, epochs=4)  # masks are y_mask: eval.npz has only 'x'
+    assert set(np.load(zoo["paths"]["eval"]).files) == {"x"}
+    run = prune(mlflow_server, model_uri=zoo["paths"]["pt2"], train_data_uri=zoo["paths"]["train"],
+                eval_data_uri=zoo["paths"]["eval"], method="structured", sparsity=0.5, fine_tune_epochs=3,
+                learning_rate=0.003, batch_size=64, max_accuracy_drop=0.5)
+    assert run.returncode == 0, run.output[-3000:]
+    m, info = run.result["metrics"], run.result["info"]
+    assert info["eval_measure"] == "agreement" and info["fine_tune_signal"] == "distillation"
+    assert "accuracy_after" not in m and m["params_after"] < 0.5 * m["params_before"], m
+    ref, got = pruned_outputs(run, zoo, tmp_path)
+    per_pixel = float((got[0].argmax(1) == ref[0].argmax(1)).mean())
+    assert per_pixel == pytest.approx(m["agreement_after"], abs=1e-6) and per_pixel >= 0.9, m
+    # The gate reads 1 - agreement when there are no labels.
+    strict = prune(mlflow_server, model_uri=zoo["paths"]["pt2"], eval_data_uri=zoo["paths"]["eval"],
+                   method="structured", sparsity=0.5, fine_tune_epochs=0, max_accuracy_drop=0.0)
+    assert strict.returncode != 0 and "1 - agreement" in strict.output, strict.output[-2000:]
