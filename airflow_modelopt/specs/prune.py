@@ -129,7 +129,10 @@ class PruneSpec(StepSpec):
         "without (then the pruned model learns from the unpruned one, see distill)",
     )
     eval_data_uri: ArtifactUri | None = Field(
-        None, description=".npz with inputs and labels y; accuracy is measured on it before and after pruning"
+        None, description=".npz with inputs and labels y; accuracy is measured on it before and after pruning. "
+        "PyTorch models: without labels (a segmenter's masks, unlabelled data) the pruned model's argmax "
+        "agreement with the unpruned one is measured instead (agreement_* metrics; max_accuracy_drop then "
+        "bounds 1 - agreement); Keras models need the labels"
     )
     fine_tune_epochs: int | None = Field(
         None,

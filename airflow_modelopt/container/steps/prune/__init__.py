@@ -17,7 +17,14 @@
    (Conv/Linear/Dense kernels), not the requested value. FLOPs follow the ptflops convention
    (one multiply-accumulate counts 1, plus bias and normalization ops) for one sample.
 5. With ``max_accuracy_drop``, a larger drop fails the step (GateFailed) before anything is logged
-   as its output.
+   as its output. A PyTorch model's eval data without labels is measured by argmax agreement with
+   the unpruned model (per position for dense outputs), gated on 1 - agreement.
+
+Structured PyTorch pruning leaves a layer's channels alone when they reach an op that holds their
+count as a constant before the next Conv/Linear (attention's head views, a transformer's residual
+width, a patch embedding's token layout): in a transformer the feed-forward's hidden width is
+pruned, attention and the embedding width are kept, each such layer recorded with its reason
+(``kept_layers_why`` in the report and the step's info).
 
 The fine-tune's signal (``labels``, ``distillation``, ``distillation+labels``) is logged and
 tagged on the run (``modelopt.prune.fine_tune_signal``). Without labels and with ``distill=false``
