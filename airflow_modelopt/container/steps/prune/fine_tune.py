@@ -244,13 +244,7 @@ def fine_tune(module: Any, inputs: dict[str, np.ndarray], names: list[str], *, l
 def accuracy(module: Any, inputs: dict[str, np.ndarray], y: np.ndarray, names: list[str]) -> float:
     """Share of samples whose argmax output is their label ``y``; with ``y`` from :func:`predictions`
     (one class per position of a dense output), the share of positions that agree."""
-    if y.ndim > 1:
-        return float((predictions(module, inputs, names, dense=True) == y).mean())
-    correct = 0
-    for i in range(0, len(y), _INFER_BATCH):
-        out = forward(module, {k: v[i: i + _INFER_BATCH] for k, v in inputs.items()}, names)
-        correct += int((_classifier_output(out, "eval_data_uri").argmax(axis=1) == y[i: i + _INFER_BATCH]).sum())
-    return correct / len(y)
+    return float((predictions(module, inputs, names, dense=y.ndim > 1) == y).mean())
 
 
 def predictions(module: Any, inputs: dict[str, np.ndarray], names: list[str], dense: bool = True) -> np.ndarray:
