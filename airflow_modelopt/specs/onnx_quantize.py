@@ -55,9 +55,8 @@ DEFAULT_SEARCH_CONFIGS: tuple[str, ...] = (
     "qoperator_u8s8_per_channel", "qoperator_u8s8_per_channel_asymmetric", "qoperator_u8s8_per_channel_layerwise",
     "dynamic_u8_per_tensor",
 )
-#: The static and the dynamic ones among them.
+#: The calibrated ones among them (a search of these needs calibration data).
 STATIC_SEARCH_CONFIGS: tuple[str, ...] = tuple(n for n in SEARCH_CONFIGS if SEARCH_CONFIGS[n]["method"] == "static")
-DYNAMIC_SEARCH_CONFIGS: tuple[str, ...] = tuple(n for n in SEARCH_CONFIGS if SEARCH_CONFIGS[n]["method"] == "dynamic")
 #: Search mode's accuracy gates when the spec sets none: accuracy drop when the evaluation data
 #: has labels (y), else top-1 agreement with the fp32 model.
 DEFAULT_MAX_ACCURACY_DROP = 0.02
@@ -210,7 +209,7 @@ class OnnxQuantizeSpec(StepSpec):
     @model_validator(mode="after")
     def _check_combination(self) -> OnnxQuantizeSpec:
         calibrated = self.mode == "static" or (
-            self.mode == "search" and any(SEARCH_CONFIGS[c]["method"] == "static" for c in self.configs_to_search()))
+            self.mode == "search" and any(c in STATIC_SEARCH_CONFIGS for c in self.configs_to_search()))
         if calibrated and self.calibration_data_uri is None:
             raise ValueError(
                 f"calibration_data_uri is required for mode {self.mode!r}"
