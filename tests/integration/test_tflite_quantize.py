@@ -517,6 +517,14 @@ def pipeline_spec(target: str, model_uri: str, onnx_uri: str, calibration_uri: s
     return spec
 
 
+def pipeline_int8_with_litert(model: dict[str, Any], litert_python: Path, server: MlflowServer,
+                              experiment: str) -> dict[str, Any]:
+    """The pipeline's tflite_int8 build of ``model`` (its .pt2 first, its ONNX export as the fallback),
+    the step in this venv and litert-torch in the configured Python, as a worker runs it."""
+    spec = pipeline_spec("tflite_int8", model["pt2"], model["onnx"], model["calibration"])
+    return ok(run_tflite_step(spec, server, experiment=experiment, env={"MODELOPT_LITERT_PYTHON": str(litert_python)}))
+
+
 @pytest.fixture(scope="module")
 def gru(tmp_path_factory) -> dict[str, Any]:
     """A seeded GRU classifier over 8 rows of 8 (untrained: no training time), as the pipeline has it: a
@@ -558,10 +566,7 @@ def test_pipeline_tflite_int8_converts_a_gru_with_litert_torch_and_records_it(li
     from airflow_modelopt.container.measure import cosine
     from airflow_modelopt.container.runtimes import load
 
-    experiment = f"{EXPERIMENT}-pipeline-litert"
-    spec = pipeline_spec("tflite_int8", gru["pt2"], gru["onnx"], gru["calibration"])
-    result = ok(run_tflite_step(spec, mlflow_server, experiment=experiment,
-                                env={"MODELOPT_LITERT_PYTHON": str(litert_python)}))
+    result = pipeline_int8_with_litert(gru, litert_python, mlflow_server, f"{EXPERIMENT}-pipeline-litert")
     info = result["info"]
     assert (info["conversion_path"], info["converter"], info["converted_from"]) == (
         "litert_torch", "litert-torch", "model_uri")
@@ -656,10 +661,7 @@ def test_pipeline_tflite_int8_of_token_ids_keeps_only_the_input_embedding_lookup
     the model agrees with torch (0.997 on the zoo's eval split in docs' coverage run)."""
     from airflow_modelopt.container.runtimes import load
 
-    experiment = f"{EXPERIMENT}-bert-litert"
-    spec = pipeline_spec("tflite_int8", bert_tiny["pt2"], bert_tiny["onnx"], bert_tiny["calibration"])
-    result = ok(run_tflite_step(spec, mlflow_server, experiment=experiment,
-                                env={"MODELOPT_LITERT_PYTHON": str(litert_python)}))
+    result = pipeline_int8_with_litert(bert_tiny, litert_python, mlflow_server, f"{EXPERIMENT}-bert-litert")
     info = result["info"]
     assert (info["conversion_path"], info["converted_from"], info["fallback_reason"]) == (
         "litert_torch", "model_uri", None)
