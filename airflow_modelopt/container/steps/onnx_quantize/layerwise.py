@@ -86,8 +86,12 @@ def compose(symmetric: Path, asymmetric: Path, out_dir: Path, feed: dict[str, np
     import onnx
     from onnx import numpy_helper
 
-    times = node_times({"symmetric": symmetric, "asymmetric": asymmetric}, feed, threads)
     base = onnx.load(str(symmetric))
+    if not any(n.op_type == "QLinearConv" for n in base.graph.node):  # nothing to choose: no profiling
+        log.info("Per-layer kernel choice: no QLinearConv nodes; the symmetric model as it is")
+        return symmetric, {"nodes": 0, "asymmetric": 0, "symmetric_us": 0.0, "asymmetric_us": 0.0,
+                           "composed_us": 0.0, "per_node": []}
+    times = node_times({"symmetric": symmetric, "asymmetric": asymmetric}, feed, threads)
     other = onnx.load(str(asymmetric))
     base_init = {i.name: i for i in base.graph.initializer}
     other_init = {i.name: i for i in other.graph.initializer}
