@@ -654,12 +654,20 @@ def bert_tiny(tmp_path_factory) -> dict[str, Any]:
             "calibration": str(folder / "calibration.npz")}
 
 
+def bert_agreement(result: dict[str, Any], bert_tiny: dict[str, Any], server: MlflowServer, tmp_path: Path) -> float:
+    """Top-1 agreement of the step's TFLite model with the torch model on bert_tiny's eval split."""
+    from airflow_modelopt.container.runtimes import load
+
+    with load(tflite_folder(result, server, tmp_path), "tflite", threads=1) as runtime:
+        (logits,) = runtime.run({"x": bert_tiny["eval"]}, batch_size=64)
+    return float((logits.argmax(1) == bert_tiny["logits"].argmax(1)).mean())
+
+
 def test_pipeline_tflite_int8_of_token_ids_keeps_only_the_input_embedding_lookup_in_float(litert_python, bert_tiny,
                                                                                           mlflow_server, tmp_path):
     """litert-torch's int8 leaves the token embedding's EMBEDDING_LOOKUP in float, quantized right after it:
     where the int ids enter the integer graph. The integer-only check accepts that one op, records it, and
     the model agrees with torch (0.997 on the zoo's eval split in docs' coverage run)."""
-    from airflow_modelopt.container.runtimes import load
 
     result = pipeline_int8_with_litert(bert_tiny, litert_python, mlflow_server, f"{EXPERIMENT}-bert-litert")
     info = result["info"]
@@ -669,11 +677,8 @@ def test_pipeline_tflite_int8_of_token_ids_keeps_only_the_input_embedding_lookup
     assert info["op_histogram"].get("GELU") == 2 and not info["flex_ops"] and not info["custom_ops"]
     run = mlflow_server.client().get_run(result["mlflow_run_id"])
     assert run.data.tags["modelopt.tflite.float_input_ops"].startswith("EMBEDDING_LOOKUP x1: a constant float table")
-    folder = tflite_folder(result, mlflow_server, tmp_path)
-    with load(folder, "tflite", threads=1) as runtime:
-        (logits,) = runtime.run({"x": bert_tiny["eval"]}, batch_size=64)
-    agree = float((logits.argmax(1) == bert_tiny["logits"].argmax(1)).mean())
-    print(f"\n  bert_tiny int8 via litert-torch: top-1 agreement {agree:.3f} on {len(logits)} eval samples")
+    agree = bert_agreement(result, bert_tiny, mlflow_server, tmp_path)
+    print(f"\n  bert_tiny int8 via litert-torch: top-1 agreement {agree:.3f} on {len(bert_tiny['eval'])} eval samples")
     assert agree >= 0.95
 
 
@@ -682,7 +687,6 @@ def test_onnx_path_turns_exact_gelu_into_the_tflite_builtin_instead_of_a_flex_er
     is integer-only with two GELU builtins and no Flex op, and says so on the run. (Its int8 attention
     matmuls agree less than litert-torch's: 0.75 top-1 on the zoo eval split; the pipeline tries litert-torch
     first.)"""
-    from airflow_modelopt.container.runtimes import load
 
     experiment = f"{EXPERIMENT}-bert-onnx2tf"
     spec = {"model_uri": bert_tiny["onnx"], "mode": "int8", "calibration_data_uri": bert_tiny["calibration"]}
@@ -693,10 +697,7 @@ def test_onnx_path_turns_exact_gelu_into_the_tflite_builtin_instead_of_a_flex_er
     assert info["float_ops"] == {} and info["flex_ops"] == {} and info["float_input_lookups"] == {}
     run = mlflow_server.client().get_run(result["mlflow_run_id"])
     assert run.data.tags["modelopt.tflite.lowered_ops"] == "gelu_fused=2"
-    folder = tflite_folder(result, mlflow_server, tmp_path)
-    with load(folder, "tflite", threads=1) as runtime:
-        (logits,) = runtime.run({"x": bert_tiny["eval"]}, batch_size=64)
-    agree = float((logits.argmax(1) == bert_tiny["logits"].argmax(1)).mean())
+    agree = bert_agreement(result, bert_tiny, mlflow_server, tmp_path)
     print(f"\n  bert_tiny int8 via onnx2tf: top-1 agreement {agree:.3f}")
     assert agree >= 0.6
 
