@@ -15,7 +15,8 @@ throw-away local MLflow store:
   real images rather than noise for calibration). With ``--resnet-train-steps N`` it is first trained
   for N SGD steps on other digits (labels 0-9), so its head has real margins and top-1 agreement
   with fp32 (gate 0.99) means what it does on a trained model; the weights are kept in ``--workdir``.
-  The ``layerwise`` configuration's per-layer kernel choice is printed as a table.
+  The ``layerwise`` configuration's per-layer kernel choice is printed as a table, and its
+  space-to-depth stem (``onnx_quantize.space_to_depth``) as a line: profiled with and without.
 
 * ``bert``: the zoo's BERT-tiny-shaped encoder at BERT-tiny's width (d 128, 2 heads, 2 layers,
   sequence 128), trained for ``--bert-epochs`` on the digits as 128 tokens (pixel intensities by
@@ -322,6 +323,11 @@ def main() -> int:
                 if "layerwise" in config:
                     print(f"\n{config['config']}: per-layer kernel choice (ORT's profiler, conv kernel µs per run)\n")
                     print(layerwise_table(config["layerwise"]))
+                stem = config.get("space_to_depth") or {}
+                if stem.get("nodes"):
+                    print(f"{config['config']}: space-to-depth on {', '.join(stem['nodes'])}: summed kernel time "
+                          f"{stem['before_us']} us per run without, {stem['after_us']} us with "
+                          f"({stem['after_us'] / stem['before_us']:.2f}x): {'kept' if stem['kept'] else 'not kept'}\n")
             if args.profile:
                 chosen = download(result["artifacts"]["onnx_model"], work / "chosen" / title[:8]) / "model.onnx"
                 source = local_copy(spec["model_uri"], work / "source" / title[:8]) / "model.onnx"

@@ -37,6 +37,7 @@ import numpy as np
 from airflow_modelopt.container.artifacts import locate_onnx
 from airflow_modelopt.container.context import StepContext, StepOutput
 from airflow_modelopt.container.measure import agreement
+from airflow_modelopt.container.steps.onnx_quantize import space_to_depth
 from airflow_modelopt.container.steps.onnx_quantize.calibration import Dataset, fixed_batch, latency_feed, load_dataset
 from airflow_modelopt.container.steps.onnx_quantize.fusion import has_attention_pattern, optimize_transformer
 from airflow_modelopt.container.steps.onnx_quantize.layerwise import compose
@@ -248,10 +249,13 @@ def build_all(spec: OnnxQuantizeSpec, ctx: StepContext, working: OnnxModel, inpu
                 data = inputs.calibration or inputs.eval_data
                 assert data is not None  # search mode requires calibration data
                 parts = {variant: build(part) for variant, part in layerwise_parts(config).items()}
-                trial.path, record = compose(parts["symmetric"], parts["asymmetric"],
-                                             ctx.workdir / "quantized" / config.name / "composed",
-                                             latency_feed(data, inputs.latency_batch), spec.intra_op_threads, ctx.log)
-                trial.detail = {"layerwise": record}
+                feed = latency_feed(data, inputs.latency_batch)
+                folder = ctx.workdir / "quantized" / config.name
+                trial.path, record = compose(parts["symmetric"], parts["asymmetric"], folder / "composed", feed,
+                                             spec.intra_op_threads, ctx.log)
+                trial.path, stem = space_to_depth.rewrite(trial.path, folder / "space_to_depth", feed,
+                                                          spec.intra_op_threads, ctx.log)
+                trial.detail = {"layerwise": record, "space_to_depth": stem}
             else:
                 trial.path = build(config)
             trial.bytes = inspect_model(trial.path, "model_uri", spec.model_uri).bytes
