@@ -22,6 +22,7 @@ SECTION = "modelopt"
 OPTIONS: dict[str, tuple[str, str]] = {
     "execution_mode": ("local", "Where steps run: local (a subprocess), docker or kubernetes."),
     "local_python": ("", "Python that runs steps in local mode; empty means the worker's own interpreter."),
+    "warm_start": ("True", "Fork local-mode steps from a warm interpreter that has imported MLflow and the step code once per worker process (operators/warm_start.py), instead of starting a fresh Python per step; it saves a second or more per step where one process runs many tasks (airflow dags test). False: a fresh process per step."),
     "litert_python": ("", "Python with litert-torch (scripts/make-litert-venv.sh) that local-mode TFLite steps convert PyTorch models in; empty: the step's own Python, else the ONNX fallback."),
     "image_registry": ("", "Registry and namespace prefixed to image names, e.g. registry.example.com/ml."),
     "image_name_prefix": ("airflow-modelopt-", "Image name before the family: <prefix><family>, e.g. airflow-modelopt-torch."),

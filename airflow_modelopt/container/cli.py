@@ -81,6 +81,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("steps", help="list the steps and their image families")
     schema = sub.add_parser("schema", help="print a step's spec as JSON Schema")
     schema.add_argument("step", choices=steps)
+    warm = sub.add_parser("warm", help="serve local-mode steps from a preloaded interpreter (container/warm.py)")
+    warm.add_argument("--socket", required=True, help="Unix socket path to listen on")
     return parser
 
 
@@ -131,6 +133,10 @@ def _main(argv: list[str] | None) -> int:
     if args.command == "schema":
         print(json.dumps(StepSpec.registry[args.step].model_json_schema(), indent=2))
         return EXIT_OK
+    if args.command == "warm":
+        from airflow_modelopt.container.warm import serve
+
+        return serve(args.socket, main, _exit_now)
 
     from airflow_modelopt.container.runner import StepTerminated, run_step
 

@@ -272,6 +272,7 @@ class ModelOptOperator(BaseOperator):
             "Running step %s in %s mode; MLflow: %s (%s)", spec.step, mode, tracking.tracking_uri, tracking.source
         )
         self._launcher = LAUNCHERS[mode](self.launch_request(spec, tracking), self.log)
+        self._launcher.prepare()
         result = self._worker_cache_hit(spec, tracking, self._launcher)
         if result is None:
             result = self._launcher.launch(context)

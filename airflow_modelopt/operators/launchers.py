@@ -41,6 +41,7 @@ from airflow_modelopt.exceptions import (
     NON_RETRYABLE_EXIT_CODES,
 )
 from airflow_modelopt.hooks.mlflow import TrackingConfig
+from airflow_modelopt.operators import warm_start
 from airflow_modelopt.specs import StepResult, StepSpec
 
 if TYPE_CHECKING:
@@ -161,6 +162,10 @@ class Launcher:
     def kill(self) -> None:
         """Stop the running step (Airflow calls this when the task is killed)."""
 
+    def prepare(self) -> None:
+        """Work that may start before the cache decision, in the background (local mode: the warm
+        interpreter); never fails the task."""
+
     def known_image(self) -> tuple[str | None, str | None] | None:
         """The image and its content digest the step would run in, as its cache key names them,
         when they can be known without starting or pulling anything; None when they cannot."""
@@ -174,7 +179,7 @@ class LocalLauncher(Launcher):
 
     def __init__(self, request: LaunchRequest, log: logging.Logger | logging.LoggerAdapter | None = None) -> None:
         super().__init__(request, log)
-        self.process: subprocess.Popen[str] | None = None
+        self.process: subprocess.Popen[str] | warm_start.WarmStep | None = None
 
     def python(self) -> str:
         return self.request.python or config.get("local_python") or sys.executable
@@ -182,22 +187,50 @@ class LocalLauncher(Launcher):
     def known_image(self) -> tuple[str | None, str | None]:
         return None, None
 
-    def launch(self, context: Context) -> StepResult:
-        spec, tracking = self.request.spec, self.request.tracking
-        argv = [self.python(), "-m", "airflow_modelopt", "run", spec.step, "--spec", "-"]
-        env = {**os.environ, **tracking.public_env, **tracking.secret_env, "PYTHONUNBUFFERED": "1"}
-        self.log.info("Starting %s", " ".join(argv))
-        tail: collections.deque[str] = collections.deque(maxlen=200)
+    def env(self) -> dict[str, str]:
+        tracking = self.request.tracking
+        return {**os.environ, **tracking.public_env, **tracking.secret_env, "PYTHONUNBUFFERED": "1"}
+
+    def prepare(self) -> None:
+        """Start the warm interpreter in the background (``warm_start``), for this step or the next."""
+        warm_start.prestart(self.python(), self.env())
+
+    def _start_warm(self, args: list[str], env: dict[str, str], spec_json: str) -> warm_start.WarmStep | None:
+        """The step forked from the warm interpreter; None when warm starts are off or it cannot
+        take the step (then a fresh process runs it)."""
+        python = self.python()
         try:
-            self.process = subprocess.Popen(
-                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                text=True, env=env, start_new_session=True, bufsize=1,
-            )
-        except OSError as exc:
-            raise AirflowFailException(f"cannot start local step process {argv[0]!r}: {exc}") from None
-        assert self.process.stdin is not None and self.process.stdout is not None
-        self.process.stdin.write(spec.model_dump_json())
-        self.process.stdin.close()
+            if not warm_start.usable(python):
+                return None
+            step = warm_start.server(python, env).spawn(args, env, spec_json)
+        except warm_start.Unavailable as exc:
+            self.log.info("Warm interpreter unavailable (%s): starting a fresh process", exc)
+            return None
+        except ValueError as exc:  # a bad [modelopt] warm_start value
+            raise AirflowFailException(str(exc)) from None
+        self.log.info("Started airflow-modelopt %s from the warm interpreter (pid %s)", " ".join(args), step.pid)
+        return step
+
+    def launch(self, context: Context) -> StepResult:
+        spec = self.request.spec
+        args = ["run", spec.step, "--spec", "-"]
+        argv = [self.python(), "-m", "airflow_modelopt", *args]
+        env = self.env()
+        tail: collections.deque[str] = collections.deque(maxlen=200)
+        self.process = self._start_warm(args, env, spec.model_dump_json())
+        if self.process is None:
+            self.log.info("Starting %s", " ".join(argv))
+            try:
+                self.process = subprocess.Popen(
+                    argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                    text=True, env=env, start_new_session=True, bufsize=1,
+                )
+            except OSError as exc:
+                raise AirflowFailException(f"cannot start local step process {argv[0]!r}: {exc}") from None
+            assert self.process.stdin is not None
+            self.process.stdin.write(spec.model_dump_json())
+            self.process.stdin.close()
+        assert self.process.stdout is not None
         for line in self.process.stdout:
             line = line.rstrip("\n")
             tail.append(line)
