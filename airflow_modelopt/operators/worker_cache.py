@@ -53,6 +53,12 @@ class Uncertain(Exception):  # noqa: N818 - not an error: the reason the lookup 
     """The lookup cannot decide for certain; the step is launched and decides."""
 
 
+#: What a worker process has learned from MLflow that does not change: an experiment's id, the
+#: content digest recorded on a finished run or a ready logged model, a DAG run's parent run. Under
+#: ``airflow dags test`` every task of a DAG run shares it, and each lookup saves a few requests.
+_known: dict[tuple[str, ...], str] = {}
+
+
 class MlflowRest:
     """The few MLflow tracking REST calls the lookup needs, with the connection's credentials."""
 
@@ -99,13 +105,17 @@ class MlflowRest:
     # -- runs and experiments -------------------------------------------------------------------
 
     def experiment_id(self, name: str) -> str:
+        memo = ("experiment", self.base, name)
+        if memo in _known:
+            return _known[memo]
         try:
             answer = self.call("GET", "experiments/get-by-name", query={"experiment_name": name})
         except Uncertain as exc:
             if "HTTP 404" in str(exc):
                 raise Uncertain(f"experiment {name!r} does not exist yet") from None
             raise
-        return str(answer["experiment"]["experiment_id"])
+        _known[memo] = str(answer["experiment"]["experiment_id"])
+        return _known[memo]
 
     def get_run(self, run_id: str) -> dict[str, Any]:
         return self.call("GET", "runs/get", query={"run_id": run_id})["run"]
@@ -214,13 +224,20 @@ class WorkerCache:
 
     def recorded_digest(self, kind: str, ident: str, tag: str) -> str | None:
         """The digest recorded on a FINISHED run or a READY logged model (``caching.digest_record``)."""
+        memo = ("digest", self.rest.base, kind, ident, tag)
+        if memo in _known:
+            return _known[memo]
         if kind == "run":
             run = self.run(ident)
-            return tags_of(run).get(tag) if run["info"].get("status") == "FINISHED" else None
-        info = self.rest.call("GET", f"logged-models/{urllib.parse.quote(ident)}").get("model", {}).get("info", {})
-        if str(info.get("status", "")).upper() not in ("LOGGED_MODEL_READY", "READY"):
-            return None
-        return {t["key"]: t.get("value", "") for t in info.get("tags") or []}.get(tag)
+            found = tags_of(run).get(tag) if run["info"].get("status") == "FINISHED" else None
+        else:
+            info = self.rest.call("GET", f"logged-models/{urllib.parse.quote(ident)}").get("model", {}).get("info", {})
+            if str(info.get("status", "")).upper() not in ("LOGGED_MODEL_READY", "READY"):
+                return None
+            found = {t["key"]: t.get("value", "") for t in info.get("tags") or []}.get(tag)
+        if found:
+            _known[memo] = found
+        return found
 
     def input_digests(self, spec: StepSpec) -> dict[str, str]:
         digests = {}
@@ -262,6 +279,9 @@ class WorkerCache:
             return ctx.parent_run_id
         if not ctx.dag_id or not ctx.run_id:
             return None
+        memo = ("parent", self.rest.base, experiment_id, ctx.dag_id, ctx.run_id)
+        if memo in _known:
+            return _known[memo]
         query = (f"tags.`{caching.TAG_ROLE}` = 'dag_run' and tags.`{caching.TAG_DAG_ID}` = '{_q(ctx.dag_id)}' "
                  f"and tags.`{caching.TAG_RUN_ID}` = '{_q(ctx.run_id)}'")
 
@@ -271,7 +291,8 @@ class WorkerCache:
 
         existing = find()
         if existing:
-            return existing[0]["info"]["run_id"]
+            _known[memo] = existing[0]["info"]["run_id"]
+            return _known[memo]
         tags = {caching.TAG_ROLE: "dag_run", caching.TAG_DAG_ID: ctx.dag_id, caching.TAG_RUN_ID: ctx.run_id}
         if ctx.logical_date:
             tags[caching.TAG_LOGICAL_DATE] = ctx.logical_date
@@ -280,6 +301,7 @@ class WorkerCache:
         if keeper != mine:
             self.rest.delete_run(mine)
         self.log.info("Parent MLflow run for DAG run %s: %s", ctx.run_id, keeper)
+        _known[memo] = keeper
         return keeper
 
     def check_no_open_runs(self, experiment_id: str, spec: StepSpec) -> None:
