@@ -3,11 +3,13 @@
 A local-mode step is a fresh Python process, and before its step starts it pays for importing
 MLflow, pydantic and this package: over a second on a quiet CPU, several on a busy one, for every
 task. This server pays that once. It imports what every step imports before its MLflow run
-starts (:data:`PRELOAD`; no torch, TensorFlow or ONNX Runtime, whose thread pools and environment
-settings belong to the step), then listens on a Unix socket. Per request it forks twice:
+starts (:data:`PRELOAD`, and the plotting library: :data:`OPTIONAL_PRELOAD`; no torch, TensorFlow
+or ONNX Runtime, whose thread pools and environment settings belong to the step), then listens on
+a Unix socket. Per request it forks twice:
 
-* a waiter, which reads the request (the entry point's arguments, environment, working folder) and two file descriptors
-  (the step's stdin, and the pipe its stdout and stderr go to), forks the step, sends back the
+* a waiter, which reads the request (the entry point's arguments, environment, working folder)
+  and two file descriptors (the step's stdin, and the pipe its stdout and stderr go to), forks the
+  step, sends back the
   step's pid, waits for it and sends back its exit status as ``subprocess`` reports one (negative:
   killed by that signal);
 * the step: a new session (the launcher stops it with ``killpg``, as a ``Popen`` step), the
@@ -38,6 +40,10 @@ READY = "modelopt-warm ready"
 #: Imported before the first fork: what ``airflow-modelopt run`` imports before its step's code.
 PRELOAD = ("mlflow", "mlflow.tracking", "airflow_modelopt.specs", "airflow_modelopt.container.runner",
            "airflow_modelopt.container.tracking")
+#: Imported too when installed, once the server has been idle for ``IDLE_S`` after it is ready:
+#: the plotting the promote and benchmark steps do (half a second).
+OPTIONAL_PRELOAD = ("matplotlib.pyplot",)
+IDLE_S = 0.2
 #: The largest request (argv and environment as JSON) a waiter reads.
 MAX_REQUEST = 1 << 20
 
@@ -50,6 +56,7 @@ def serve(path: str, entry: Callable[[list[str]], int], exit_now: Callable[[int]
 
     for name in PRELOAD:
         importlib.import_module(name)
+    later = list(OPTIONAL_PRELOAD)  # imported while idle: the first request need not wait for them
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(16)
@@ -57,7 +64,13 @@ def serve(path: str, entry: Callable[[list[str]], int], exit_now: Callable[[int]
     print(READY, flush=True)
     try:
         while True:
-            ready, _, _ = select.select([listener, sys.stdin.fileno()], [], [])
+            ready, _, _ = select.select([listener, sys.stdin.fileno()], [], [], IDLE_S if later else None)
+            if not ready and later:
+                try:
+                    importlib.import_module(later.pop(0))
+                except ImportError:
+                    pass
+                continue
             if sys.stdin.fileno() in ready and not os.read(sys.stdin.fileno(), 4096):
                 return 0  # the worker is gone, or done with us
             if listener in ready:
@@ -135,4 +148,4 @@ def _send(conn: socket.socket, message: dict[str, Any]) -> None:
     conn.sendall(json.dumps(message).encode() + b"\n")
 
 
-__all__ = ["MAX_REQUEST", "PRELOAD", "READY", "serve"]
+__all__ = ["MAX_REQUEST", "OPTIONAL_PRELOAD", "PRELOAD", "READY", "serve"]

@@ -193,6 +193,7 @@ class LocalLauncher(Launcher):
 
     def prepare(self) -> None:
         """Start the warm interpreter in the background (``warm_start``), for this step or the next."""
+        warm_start.note_task()
         warm_start.prestart(self.python(), self.env())
 
     def _start_warm(self, args: list[str], env: dict[str, str], spec_json: str) -> warm_start.WarmStep | None:

@@ -1,12 +1,13 @@
 """Local-mode steps started from a warm interpreter (``[modelopt] warm_start``, on by default).
 
-The first local-mode task of a worker process starts ``airflow-modelopt warm`` (the container
+The second local-mode task of a worker process starts ``airflow-modelopt warm`` (the container
 side's ``container/warm.py``) in the background, with the step's own interpreter and environment;
 it imports MLflow and this package once. Each later local step of that process is forked from it,
 instead of a fresh Python importing them again: under ``airflow dags test``, which runs every task
 of a DAG run in one process, that is over a second a step (issue 12's overhead). A task whose
 result is cached on the worker still starts the server, so the steps after it (promotion) find
-it warm.
+it warm. A process's first task starts none: a scheduler runs each task in a process of its own,
+which would pay for a server it never reuses.
 
 A step forked from the server behaves like a ``Popen`` one: its own session, its stdout and stderr
 in one pipe to the task log, its spec on stdin, exactly the environment a fresh process would get,
@@ -202,12 +203,24 @@ def _key(python: str, env: Mapping[str, str]) -> tuple[Any, ...]:
     return os.path.abspath(python), stable, local_code_digest()
 
 
+#: Local-mode tasks this process has started (:func:`note_task`).
+_tasks = 0
+
+
+def note_task() -> None:
+    """Count a local-mode task of this process (its operator calls this as it starts)."""
+    global _tasks
+    _tasks += 1
+
+
 def usable(python: str) -> bool:
-    """Warm starts are on and the step runs in this worker's interpreter (whose sources the
-    server's key stamps)."""
+    """Warm starts are on, the step runs in this worker's interpreter (whose sources the server's
+    key stamps), and this process has run a local-mode task before: a process that runs one task
+    (a scheduler's task process) would only pay for a server it never reuses, while one that runs
+    many (``airflow dags test``) starts it with its second."""
     from airflow_modelopt import config
 
-    return (config.get_bool("warm_start") and sys.platform != "win32"
+    return (_tasks >= 2 and config.get_bool("warm_start") and sys.platform != "win32"
             and os.path.abspath(python) == os.path.abspath(sys.executable))
 
 
@@ -248,4 +261,4 @@ def _close_all() -> None:
         _servers.clear()
 
 
-__all__ = ["Unavailable", "WarmServer", "WarmStep", "prestart", "server", "usable"]
+__all__ = ["Unavailable", "WarmServer", "WarmStep", "note_task", "prestart", "server", "usable"]

@@ -136,9 +136,13 @@ def test_one_server_per_interpreter_environment_and_sources(base_env, monkeypatc
 
 
 def test_usable_only_for_this_interpreter_and_when_switched_on(monkeypatch):
+    monkeypatch.setattr(warm_start, "_tasks", 2)
     assert warm_start.usable(sys.executable)
     assert not warm_start.usable("/opt/other/bin/python")
     monkeypatch.setenv("AIRFLOW__MODELOPT__WARM_START", "False")
+    assert not warm_start.usable(sys.executable)
+    monkeypatch.setenv("AIRFLOW__MODELOPT__WARM_START", "True")
+    monkeypatch.setattr(warm_start, "_tasks", 1)  # the process's first task
     assert not warm_start.usable(sys.executable)
 
 
@@ -152,9 +156,20 @@ def _launcher(mlflow_server, epochs: int) -> LocalLauncher:
 
 def test_the_local_launcher_uses_the_warm_interpreter_and_falls_back_to_a_fresh_process(
         mlflow_server, monkeypatch, caplog):
-    """Once the server is up, a step starts from it; when the server cannot take a step in time,
-    the launcher says so and runs the same step in a fresh process, with the same result."""
+    """A process's first local task runs its step in a fresh process and starts no server (a
+    scheduler's task process runs one task); from its second task on, steps start from the
+    server; when the server cannot take a step in time, the launcher says so and runs the same
+    step in a fresh process, with the same result."""
+    monkeypatch.setattr(warm_start, "_tasks", 0)
     try:
+        first = _launcher(mlflow_server, 2)
+        first.prepare()
+        with caplog.at_level(logging.INFO, logger="tests.warm"):
+            first.launch(None)
+        assert "Starting " in caplog.text and "warm interpreter" not in caplog.text
+        assert not warm_start._servers
+
+        caplog.clear()
         launcher = _launcher(mlflow_server, 1)
         launcher.prepare()
         with caplog.at_level(logging.INFO, logger="tests.warm"):
