@@ -7,7 +7,8 @@ same task graph, a cold run, and a fully cached re-run, side by side on this mac
   mode, against a real ``mlflow server`` on loopback.
 * **cached**: the same DAG and conf again: every step finds its cache entry, on the Airflow worker
   without starting a step process (``operators/worker_cache.py``) where it can be decided there
-  (the table's "on the worker" count); promotion is never cached and runs its step.
+  (the table's "on the worker" count); promotion is never cached and runs its step (under ``dags
+  test`` forked from the warm interpreter, ``operators/warm_start.py``, which the second task starts).
 
 Each is run under ``airflow dags test`` (one process, tasks in turn) and, with ``--scheduler``, under
 a real scheduler with the LocalExecutor (``parallelism`` 4, tasks in their own processes, triggered
