@@ -9,9 +9,8 @@ a Unix socket. Per request it forks twice:
 
 * a waiter, which reads the request (the entry point's arguments, environment, working folder)
   and two file descriptors (the step's stdin, and the pipe its stdout and stderr go to), forks the
-  step, sends back the
-  step's pid, waits for it and sends back its exit status as ``subprocess`` reports one (negative:
-  killed by that signal);
+  step, sends back the step's pid, waits for it and sends back its exit status as ``subprocess``
+  reports one (negative: killed by that signal);
 * the step: a new session (the launcher stops it with ``killpg``, as a ``Popen`` step), the
   descriptors as 0, 1 and 2, exactly the request's environment and folder, then the entry point
   (:func:`airflow_modelopt.container.cli.main`) and its fast exit. What it does from there is

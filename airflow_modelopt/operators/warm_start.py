@@ -126,7 +126,7 @@ class WarmServer:
             socket.send_fds(conn, [json.dumps(request).encode()], [stdin_read, out_write])
             answers = _lines(conn)
             first = next(answers, None)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: an answer that is not JSON
             for fd in (stdin_read, stdin_write, out_read, out_write):
                 os.close(fd)
             conn.close()
@@ -176,7 +176,7 @@ class WarmStep:
             answer = next(self._answers, None)
             self._conn.close()
             self.stdout.close()
-            # No answer: the waiter died with the server's process group (a kill of the whole task).
+            # No answer: the waiter was killed (SIGKILL of the server's process group); say what kill -9 says.
             self.returncode = int(answer["exit"]) if answer and "exit" in answer else -9
         return self.returncode
 
@@ -240,7 +240,10 @@ def server(python: str, env: Mapping[str, str]) -> WarmServer:
                          else "the environment (" + ", ".join(sorted({k for k, _ in changed})) + ")")
             other.close(wait=False)
         _servers.clear()
-        _servers[key] = WarmServer(python, env)
+        try:
+            _servers[key] = WarmServer(python, env)
+        except OSError as exc:
+            raise Unavailable(f"the warm interpreter could not be started: {exc}") from None
         return _servers[key]
 
 
