@@ -82,6 +82,12 @@ def test_rerun_registers_nothing_twice(mlflow_server, uris):
     # without force too: promotion is never answered from the cache (it moves aliases, ends the parent run)
     third = _promote(mlflow_server, name, candidates)
     assert third["cache_hit"] is False and third["metrics"]["registered_now"] == 0.0
+    # the version's logged model (MLflow's Models tab) has each of the candidate's metrics, once,
+    # not once per promotion (other tests of this module promote the same export too)
+    version = mlflow_server.client().get_model_version(name, "1")
+    assert version.source.startswith("models:/m-"), version.source
+    logged = mlflow_server.client().get_logged_model(version.source[len("models:/"):])
+    assert sorted(m.key for m in logged.metrics) == sorted(candidates[0]["metrics"])
 
 
 def test_champion_moves_only_when_beaten_without_worse_accuracy(mlflow_server, uris):

@@ -285,21 +285,40 @@ def version_description(spec: PromoteSpec, c: Candidate, calibration_digest: str
     return "\n".join(lines)[:4900]
 
 
+def _logged_model_id(version: Any) -> str | None:
+    """The MLflow logged model a version was registered from: its ``model_id``, else the id in its
+    ``models:/<id>`` source (MLflow's SQL registry returns versions without ``model_id``)."""
+    model_id = getattr(version, "model_id", None)
+    if model_id:
+        return str(model_id)
+    source = str(getattr(version, "source", "") or "")
+    if uri_scheme(source) == "models":
+        ident = source[len("models:/"):].strip("/").split("/")[0]
+        if ident.startswith("m-"):  # a logged model's id, not a registered model's name
+            return ident
+    return None
+
+
 def _describe(client: Any, spec: PromoteSpec, c: Candidate, version: Any, run_id: str, log: Any,
               calibration_digest: str | None = None) -> None:
-    """Give a version its description and, when it is an MLflow logged model, the candidate's
-    metrics on that model (the Models tab). Bookkeeping: a failure is logged, not raised."""
+    """Give a version its description and, when it was registered from an MLflow logged model,
+    the candidate's metrics that model does not have yet (the Models tab: a re-run, or the same
+    model promoted into another registered model, adds no second point). Bookkeeping: a failure
+    is logged, not raised."""
     from mlflow.entities import Metric
 
     try:
         if not (version.description or "").strip():
             client.update_model_version(spec.registered_model_name, version.version,
                                         description=version_description(spec, c, calibration_digest))
-        model_id = getattr(version, "model_id", None)
+        model_id = _logged_model_id(version)
         if model_id and c.metrics:
+            has = {m.key for m in client.get_logged_model(model_id).metrics or []}
             now = int(time.time() * 1000)
-            client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0, model_id=model_id)
-                                              for k, v in sorted(c.metrics.items())])
+            missing = [Metric(k, float(v), now, 0, model_id=model_id) for k, v in sorted(c.metrics.items())
+                       if k not in has]
+            if missing:
+                client.log_batch(run_id, metrics=missing)
     except Exception as exc:  # noqa: BLE001 - the registration and aliases matter more than this
         log.warning("%s: could not describe version %s: %s", c.target, version.version, exc)
 
