@@ -1,13 +1,14 @@
 """Local-mode steps started from a warm interpreter (``[modelopt] warm_start``, on by default).
 
-The second local-mode task of a worker process starts ``airflow-modelopt warm`` (the container
-side's ``container/warm.py``) in the background, with the step's own interpreter and environment;
+The first local-mode task of an ``airflow dags test`` process (Airflow's in-process supervisor),
+else a worker process's second, starts ``airflow-modelopt warm`` (the container side's
+``container/warm.py``) in the background, with the step's own interpreter and environment;
 it imports MLflow and this package once. Each later local step of that process is forked from it,
 instead of a fresh Python importing them again: under ``airflow dags test``, which runs every task
 of a DAG run in one process, that is over a second a step (issue 12's overhead). A task whose
 result is cached on the worker still starts the server, so the steps after it (promotion) find
-it warm. A process's first task starts none: a scheduler runs each task in a process of its own,
-which would pay for a server it never reuses.
+it warm. Otherwise a process's first task starts none: a scheduler runs each task in a process of
+its own, which would pay for a server it never reuses.
 
 A step forked from the server behaves like a ``Popen`` one: its own session, its stdout and stderr
 in one pipe to the task log, its spec on stdin, exactly the environment a fresh process would get,
@@ -213,14 +214,25 @@ def note_task() -> None:
     _tasks += 1
 
 
+#: Set in this process's environment while Airflow's in-process supervisor runs a task (``airflow
+#: dags test``, ``dag.test()``); a task process a scheduler's executor forked has no such variable.
+IN_PROCESS_MARKER = "__AIRFLOW_SUPERVISOR_FD"
+
+
+def runs_many_tasks() -> bool:
+    """This process runs a DAG run's tasks one after another: it has run a local-mode task before,
+    or Airflow runs its tasks in-process (``airflow dags test``)."""
+    return _tasks >= 2 or IN_PROCESS_MARKER in os.environ
+
+
 def usable(python: str) -> bool:
     """Warm starts are on, the step runs in this worker's interpreter (whose sources the server's
-    key stamps), and this process has run a local-mode task before: a process that runs one task
-    (a scheduler's task process) would only pay for a server it never reuses, while one that runs
-    many (``airflow dags test``) starts it with its second."""
+    key stamps), and this process runs many tasks (:func:`runs_many_tasks`): a process that runs one
+    task (a scheduler's task process) would only pay for a server it never reuses, while under
+    ``airflow dags test`` the first local task starts it and every step of the run is forked from it."""
     from airflow_modelopt import config
 
-    return (_tasks >= 2 and config.get_bool("warm_start") and sys.platform != "win32"
+    return (runs_many_tasks() and config.get_bool("warm_start") and sys.platform != "win32"
             and os.path.abspath(python) == os.path.abspath(sys.executable))
 
 
@@ -264,4 +276,4 @@ def _close_all() -> None:
         _servers.clear()
 
 
-__all__ = ["Unavailable", "WarmServer", "WarmStep", "note_task", "prestart", "server", "usable"]
+__all__ = ["Unavailable", "WarmServer", "WarmStep", "note_task", "prestart", "runs_many_tasks", "server", "usable"]

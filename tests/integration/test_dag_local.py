@@ -76,3 +76,14 @@ def test_dag_validates_benchmarks_and_promotes(local_dag_run, mlflow_server):
     assert client.get_model_version_by_alias("digits-dag-test", "champion").version == version.version
     assert version.tags["modelopt.target"] == "onnx_fp32"
     assert version.tags["airflow.dag_id"] == DAG_ID
+
+
+def test_every_step_of_a_dags_test_run_starts_from_the_warm_interpreter(local_dag_run):
+    """`airflow dags test` runs every task in one process: its first local step starts the warm
+    interpreter and every step, the first included, is forked from it (no fresh Python importing
+    MLflow per step; operators/warm_start.py)."""
+    out = local_dag_run.stdout + local_dag_run.stderr
+    assert "from the warm interpreter (pid" in out, out[-4000:]
+    # The launcher's line for a fresh process: "Starting <python> -m airflow_modelopt run <step> --spec -".
+    assert "-m airflow_modelopt run" not in out, "a step started as a fresh process:\n" + out[-4000:]
+    assert "Warm interpreter unavailable" not in out, out[-4000:]

@@ -143,7 +143,10 @@ def test_usable_only_for_this_interpreter_and_when_switched_on(monkeypatch):
     assert not warm_start.usable(sys.executable)
     monkeypatch.setenv("AIRFLOW__MODELOPT__WARM_START", "True")
     monkeypatch.setattr(warm_start, "_tasks", 1)  # the process's first task
+    monkeypatch.delenv(warm_start.IN_PROCESS_MARKER, raising=False)
     assert not warm_start.usable(sys.executable)
+    monkeypatch.setenv(warm_start.IN_PROCESS_MARKER, "7")  # Airflow runs the tasks in-process (dags test)
+    assert warm_start.usable(sys.executable)
 
 
 def _launcher(mlflow_server, epochs: int) -> LocalLauncher:
@@ -161,6 +164,7 @@ def test_the_local_launcher_uses_the_warm_interpreter_and_falls_back_to_a_fresh_
     server; when the server cannot take a step in time, the launcher says so and runs the same
     step in a fresh process, with the same result."""
     monkeypatch.setattr(warm_start, "_tasks", 0)
+    monkeypatch.delenv(warm_start.IN_PROCESS_MARKER, raising=False)
     try:
         first = _launcher(mlflow_server, 2)
         first.prepare()
