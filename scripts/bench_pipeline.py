@@ -143,7 +143,7 @@ with create_session() as session:
     run = session.query(DagRun).filter(DagRun.dag_id == {dag_id!r}).order_by(DagRun.start_date.desc()).first()
     tis = session.query(TaskInstance).filter(TaskInstance.dag_id == {dag_id!r}, TaskInstance.run_id == run.run_id)
     state = {{ti.task_id: str(ti.state) for ti in tis}}
-print(json.dumps({{t.task_id: {{"upstream": sorted(t.upstream_task_ids), "trigger_rule": str(t.trigger_rule),
+print(json.dumps({{t.task_id: {{"upstream": sorted(t.upstream_task_ids), "trigger_rule": getattr(t.trigger_rule, "value", str(t.trigger_rule)),
                                "state": state.get(t.task_id, "None"),
                                "follow": sorted(d for d in t.downstream_task_ids if state.get(d) != "skipped")
                                          if isinstance(t, BranchMixIn) else None}}
