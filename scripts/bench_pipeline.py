@@ -157,9 +157,8 @@ print(json.dumps({{t.task_id: {{"upstream": sorted(t.upstream_task_ids), "trigge
 
 def check_floor_states(env: dict[str, str], graph: dict[str, dict[str, Any]], dags: Path) -> None:
     """The whole-graph floor's latest run left every task in the state the cold run left it."""
-    floor = run_graph(env, "modelopt_floor_graph", dags)
-    differ = {t: (g["state"], floor.get(t.replace(".", "__"), {}).get("state")) for t, g in graph.items()
-              if g["state"] != floor.get(t.replace(".", "__"), {}).get("state")}
+    states = {t.replace("__", "."): g["state"] for t, g in run_graph(env, "modelopt_floor_graph", dags).items()}
+    differ = {t: (g["state"], states.get(t)) for t, g in graph.items() if g["state"] != states.get(t)}
     if differ:
         raise RuntimeError(f"the whole-graph floor did not reproduce the cold run's task states: {differ}")
 
