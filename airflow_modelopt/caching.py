@@ -27,6 +27,7 @@ import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from airflow_modelopt.uris import logged_model_id
 from airflow_modelopt.version import __version__
 
 if TYPE_CHECKING:
@@ -245,11 +246,8 @@ def digest_record(uri: str) -> tuple[str, str, str] | None:
         if len(name) > 250 or not all(c.isalnum() or c in "_-./ " for c in name):
             return None
         return "run", parts[0], name
-    if uri.startswith("models:/"):
-        model_id = uri[len("models:/"):].strip("/")
-        if model_id and all(c.isalnum() or c in "_-" for c in model_id):
-            return "model", model_id, DIGEST_TAG
-    return None
+    model_id = logged_model_id(uri)
+    return ("model", model_id, DIGEST_TAG) if model_id else None
 
 
 # -- what a measurement ran on ------------------------------------------------------------------

@@ -62,6 +62,15 @@ def check_experiment_name(name: str) -> str:
     return name
 
 
+def logged_model_id(uri: str) -> str | None:
+    """The id in an MLflow 3 logged model's URI ``models:/<model id>`` (one path segment); None for
+    any other URI, ``models:/<name>/<version>`` and ``models:/<name>@<alias>`` included."""
+    if not uri.startswith("models:/"):
+        return None
+    ident = uri[len("models:/"):].strip("/")
+    return ident if ident and all(c.isalnum() or c in "_-" for c in ident) else None
+
+
 def is_remote(uri: str) -> bool:
     """True when the URI lives in MLflow rather than on this machine's disk."""
     return uri_scheme(uri) in ("runs", "models", "mlflow-artifacts")

@@ -61,7 +61,7 @@ from airflow_modelopt.container.context import StepContext, StepOutput
 from airflow_modelopt.container.tracking import digest
 from airflow_modelopt.exceptions import GateFailed, InputError, StepFailed
 from airflow_modelopt.specs.promote import OBJECTIVE_METRICS, Candidate, PromoteSpec
-from airflow_modelopt.uris import uri_scheme
+from airflow_modelopt.uris import logged_model_id, uri_scheme
 from airflow_modelopt.version import __version__
 
 TAG_KEY = "modelopt.candidate_key"
@@ -289,14 +289,7 @@ def _logged_model_id(version: Any) -> str | None:
     """The MLflow logged model a version was registered from: its ``model_id``, else the id in its
     ``models:/<id>`` source (MLflow's SQL registry returns versions without ``model_id``)."""
     model_id = getattr(version, "model_id", None)
-    if model_id:
-        return str(model_id)
-    source = str(getattr(version, "source", "") or "")
-    if uri_scheme(source) == "models":
-        ident = source[len("models:/"):].strip("/").split("/")[0]
-        if ident.startswith("m-"):  # a logged model's id, not a registered model's name
-            return ident
-    return None
+    return str(model_id) if model_id else logged_model_id(str(getattr(version, "source", "") or ""))
 
 
 def _describe(client: Any, spec: PromoteSpec, c: Candidate, version: Any, run_id: str, log: Any,
