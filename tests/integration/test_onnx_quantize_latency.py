@@ -12,8 +12,10 @@ one core its runs took 3.5x as long until the scheduler separated them. This tes
 search figures of 3.6 and 6.6 ms against benchmark p50s of 2.3 ms.
 
 Noise on a shared 2-core machine: both figures are medians of 40 timed runs after warm-up until
-stable; when the first benchmark disagrees, two more run and their median p50 is compared (a real
-disagreement persists, a burst of load from another job does not).
+stable; when the first pair disagrees, two more searches run, each followed by a benchmark of its
+chosen file, and the medians of the three are compared (a real disagreement persists, a burst of
+load on either side does not: once in CI the search timed its pick at 1.00 ms against three
+benchmark p50s of 1.31 ms, where standalone runs give 1.35 against 1.32-1.36).
 """
 
 from __future__ import annotations
@@ -72,27 +74,37 @@ def _benchmark_p50(model_uri: str, data: Path, env: dict[str, str]) -> float:
     return run.result["metrics"]["latency_ms_p50"]
 
 
-def test_search_latency_of_the_chosen_model_agrees_with_the_benchmark_step(residual, mlflow_server):
-    env = mlflow_server.env()
-    search = run_step("onnx_quantize", {
+def _search(residual: dict[str, Path], env: dict[str, str]) -> dict[str, Any]:
+    run = run_step("onnx_quantize", {
         "model_uri": str(residual["model"]), "calibration_data_uri": str(residual["calibration"]),
         "eval_data_uri": str(residual["eval"]), "mode": "search", "min_top1_agreement": 0.5,
         "intra_op_threads": THREADS, "latency_batch_size": BATCH, "warmup_runs": 5, "timed_runs": 40,
         "context": {"experiment_name": EXPERIMENT, "force": True}}, env)
-    assert search.returncode == 0, search.output[-3000:]
-    metrics, info = search.result["metrics"], search.result["info"]
+    assert run.returncode == 0, run.output[-3000:]
+    return run.result
+
+
+def test_search_latency_of_the_chosen_model_agrees_with_the_benchmark_step(residual, mlflow_server):
+    env = mlflow_server.env()
+    searches = [_search(residual, env)]
+    metrics, info = searches[0]["metrics"], searches[0]["info"]
     chosen = info["chosen_config"]
     assert info["latency_settings"] == {"intra_op_threads": THREADS, "batch_size": BATCH, "warmup_runs": 5,
                                         "timed_runs": 40, "statistic": "median"}
-    searched = metrics["int8_latency_ms"]
-    assert searched == metrics[f"search.{chosen}.latency_ms"]
+    assert metrics["int8_latency_ms"] == metrics[f"search.{chosen}.latency_ms"]
 
-    p50s = [_benchmark_p50(search.result["artifacts"]["onnx_model"], residual["calibration"], env)]
-    if abs(searched - p50s[0]) > TOLERANCE * p50s[0]:
-        p50s += [_benchmark_p50(search.result["artifacts"]["onnx_model"], residual["calibration"], env)
-                 for _ in range(2)]
-    benchmarked = statistics.median(p50s)
-    figures = (f"search: {chosen} {searched:.3f} ms (fp32 {metrics['fp32_latency_ms']:.3f} ms); benchmark p50 "
+    def searched(result: dict[str, Any]) -> float:
+        return result["metrics"]["int8_latency_ms"]
+
+    p50s = [_benchmark_p50(searches[0]["artifacts"]["onnx_model"], residual["calibration"], env)]
+    if abs(searched(searches[0]) - p50s[0]) > TOLERANCE * p50s[0]:
+        # Two more pairs, each search's chosen file benchmarked: either side can catch a burst of load.
+        for _ in range(2):
+            searches.append(_search(residual, env))
+            p50s.append(_benchmark_p50(searches[-1]["artifacts"]["onnx_model"], residual["calibration"], env))
+    search_ms, benchmarked = statistics.median(map(searched, searches)), statistics.median(p50s)
+    figures = (f"search: {[(r['info']['chosen_config'], round(searched(r), 3)) for r in searches]} ms "
+               f"(fp32 {[round(r['metrics']['fp32_latency_ms'], 3) for r in searches]} ms); benchmark p50 "
                f"{[round(p, 3) for p in p50s]} ms, {THREADS} threads, batch {BATCH}")
     print(figures)  # shown with -rP: the figures behind a pass
-    assert abs(searched - benchmarked) <= TOLERANCE * benchmarked, figures
+    assert abs(search_ms - benchmarked) <= TOLERANCE * benchmarked, figures
