@@ -36,6 +36,22 @@ from typing import Any
 from airflow_modelopt.operators.xcom import artifact
 from airflow_modelopt.targets import TARGET_CHAINS, TARGET_DESCRIPTIONS, TARGETS, builds, parse_targets
 
+#: The JSON Schema draft :func:`form_param` declares. Airflow validates every Param of every task
+#: each time it serializes a DAG (``jsonschema.validate``, which first checks the schema itself
+#: against its draft's metaschema). Against draft 2020-12, jsonschema's default, that check costs
+#: 0.41 ms a Param here; against draft-07, which has every keyword a trigger form uses, 0.14 ms.
+#: ``modelopt_optimize`` has 63 tasks x 11 Params and ``airflow dags test`` serializes it three times.
+FORM_PARAM_SCHEMA = "http://json-schema.org/draft-07/schema#"
+
+
+def form_param(default: Any, **schema: Any) -> Any:
+    """An ``airflow.sdk.Param`` for a trigger form whose schema declares draft-07
+    (:data:`FORM_PARAM_SCHEMA`): the same form and checks, a third of the validation cost."""
+    from airflow.sdk import Param
+
+    return Param(default, **{"$schema": FORM_PARAM_SCHEMA}, **schema)
+
+
 #: The operator whose builds need an NVIDIA GPU.
 _GPU_OPERATORS = ("TensorRTBuildOperator",)
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from airflow.sdk import DAG, Asset, Param, task
+from airflow.sdk import DAG, Asset, task
 
-from airflow_modelopt.pipelines import optimization_pipeline
+from airflow_modelopt.pipelines import form_param, optimization_pipeline
 from airflow_modelopt.targets import TARGET_DESCRIPTIONS, TARGETS
 
 TRAINED_MODEL = Asset("modelopt_trained_model", uri="modelopt://trained-model")
@@ -67,47 +67,57 @@ with DAG(
     tags=["modelopt"],
     doc_md=DOC_MD,
     params={
-        "model_uri": Param(
+        "model_uri": form_param(
             "", type="string", title="Model URI",
             description="The trained model: .pt2 path or URI, runs:/..., or models:/<name>/<version>",
         ),
-        "calibration_data_uri": Param(
+        "calibration_data_uri": form_param(
             "", type="string", title="Calibration data URI",
             description=".npz of calibration samples: inputs keyed by input name (or x), labels under y",
         ),
-        "eval_data_uri": Param(
+        "eval_data_uri": form_param(
             "", type="string", title="Evaluation data URI",
             description=".npz of evaluation samples (disjoint from calibration); labels under y give accuracy",
         ),
-        "train_data_uri": Param(
+        "train_data_uri": form_param(
             "", type=["null", "string"], title="Training data URI (optional)",
             description=".npz the pruned target fine-tunes on: inputs, labels under y optional (without them "
             "the pruned model learns from the unpruned one by distillation); empty means the calibration split",
         ),
         # examples + values_display: the form shows a multi-select of the known targets, each with
         # what it produces; items.enum makes the API refuse any other name.
-        "targets": Param(
+        "targets": form_param(
             ["onnx_fp32", "onnx_int8_static", "tflite_int8"], type="array", title="Targets",
             items={"type": "string", "enum": list(TARGETS)}, minItems=1, uniqueItems=True,
             examples=list(TARGETS), values_display=TARGET_CHOICES,
             description="Deployables to build (pick one or more); each is validated and benchmarked in its own group",
         ),
-        "registered_model_name": Param(
+        "registered_model_name": form_param(
             "digits-cnn", type="string", minLength=1, maxLength=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$",
             title="Registered model name", description="MLflow registered model the passing candidates join",
         ),
-        "max_accuracy_drop": Param(0.02, type="number", minimum=0, maximum=1, title="Max accuracy drop",
-                                   description="Gate: candidate accuracy may fall at most this much (0.02 = 2 points)"),
-        "min_top1_agreement": Param(0.95, type="number", minimum=0, maximum=1, title="Min top-1 agreement",
-                                    description="Gate: share of samples whose top-1 class matches the source model"),
-        "objective": Param("latency_p50", type="string", enum=["latency_p50", "size"], title="Objective",
-                           description="What the champion minimizes among passing candidates"),
-        "execution_mode": Param("", type=["null", "string"], enum=["", "local", "docker", "kubernetes"],
-                                values_display=EXECUTION_MODES, title="Execution mode",
-                                description="Where steps run; the default is the deployment's [modelopt] execution_mode"),
+        "max_accuracy_drop": form_param(
+            0.02, type="number", minimum=0, maximum=1, title="Max accuracy drop",
+            description="Gate: candidate accuracy may fall at most this much (0.02 = 2 points)",
+        ),
+        "min_top1_agreement": form_param(
+            0.95, type="number", minimum=0, maximum=1, title="Min top-1 agreement",
+            description="Gate: share of samples whose top-1 class matches the source model",
+        ),
+        "objective": form_param(
+            "latency_p50", type="string", enum=["latency_p50", "size"], title="Objective",
+            description="What the champion minimizes among passing candidates",
+        ),
+        "execution_mode": form_param(
+            "", type=["null", "string"], enum=["", "local", "docker", "kubernetes"],
+            values_display=EXECUTION_MODES, title="Execution mode",
+            description="Where steps run; the default is the deployment's [modelopt] execution_mode",
+        ),
         # "null" in the type: an optional toggle, so the form shows no required marker.
-        "force": Param(False, type=["null", "boolean"], title="Force rebuild",
-                       description="Rebuild even when a finished MLflow run with the same cache key exists"),
+        "force": form_param(
+            False, type=["null", "boolean"], title="Force rebuild",
+            description="Rebuild even when a finished MLflow run with the same cache key exists",
+        ),
     },
 ) as dag:
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from airflow.sdk import DAG, Param
+from airflow.sdk import DAG
 
 from airflow_modelopt.operators import TrainExampleModelOperator, artifact
-from airflow_modelopt.pipelines import optimization_pipeline
+from airflow_modelopt.pipelines import form_param, optimization_pipeline
 from airflow_modelopt.targets import TARGET_DESCRIPTIONS, TARGETS
 
 TARGET_CHOICES = {t: f"{t}: {TARGET_DESCRIPTIONS[t]}" for t in TARGETS}
@@ -53,20 +53,29 @@ with DAG(
     tags=["modelopt", "example"],
     doc_md=DOC_MD,
     params={
-        "epochs": Param(15, type="integer", minimum=1, maximum=500, title="Epochs", description="Training epochs"),
-        "targets": Param(["onnx_fp32", "onnx_int8_static", "tflite_int8"], type="array", title="Targets",
-                         items={"type": "string", "enum": list(TARGETS)}, minItems=1, uniqueItems=True,
-                         examples=list(TARGETS), values_display=TARGET_CHOICES,
-                         description="Deployables to build from the retrained model (pick one or more)"),
-        "registered_model_name": Param("digits-cnn", type="string", minLength=1, title="Registered model name",
-                                       description="MLflow registered model the passing candidates join"),
-        "max_accuracy_drop": Param(0.02, type="number", minimum=0, maximum=1, title="Max accuracy drop",
-                                   description="Gate: candidate accuracy may fall at most this much (0.02 = 2 points)"),
-        "execution_mode": Param("", type=["null", "string"], enum=["", "local", "docker", "kubernetes"],
-                                values_display=EXECUTION_MODES, title="Execution mode",
-                                description="Where steps run; the default is the deployment's [modelopt] execution_mode"),
-        "force": Param(False, type=["null", "boolean"], title="Force rebuild",
-                       description="Rebuild even when a cached MLflow run matches"),
+        "epochs": form_param(15, type="integer", minimum=1, maximum=500, title="Epochs",
+                             description="Training epochs"),
+        "targets": form_param(
+            ["onnx_fp32", "onnx_int8_static", "tflite_int8"], type="array", title="Targets",
+            items={"type": "string", "enum": list(TARGETS)}, minItems=1, uniqueItems=True,
+            examples=list(TARGETS), values_display=TARGET_CHOICES,
+            description="Deployables to build from the retrained model (pick one or more)",
+        ),
+        "registered_model_name": form_param(
+            "digits-cnn", type="string", minLength=1, title="Registered model name",
+            description="MLflow registered model the passing candidates join",
+        ),
+        "max_accuracy_drop": form_param(
+            0.02, type="number", minimum=0, maximum=1, title="Max accuracy drop",
+            description="Gate: candidate accuracy may fall at most this much (0.02 = 2 points)",
+        ),
+        "execution_mode": form_param(
+            "", type=["null", "string"], enum=["", "local", "docker", "kubernetes"],
+            values_display=EXECUTION_MODES, title="Execution mode",
+            description="Where steps run; the default is the deployment's [modelopt] execution_mode",
+        ),
+        "force": form_param(False, type=["null", "boolean"], title="Force rebuild",
+                            description="Rebuild even when a cached MLflow run matches"),
     },
 ) as dag:
     common = {"execution_mode": "{{ params.execution_mode }}", "force": "{{ params.force }}"}

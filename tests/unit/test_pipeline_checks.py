@@ -110,3 +110,26 @@ def test_each_target_reads_as_one_group_and_shared_builds_as_another():
     order = [c["label"] for c in optimize_node["children"] if c.get("type") != "join"]
     assert order.index("check inputs") < order.index("shared builds") < order.index("onnx_int8_static") \
         < order.index("promote"), order
+
+
+@pytest.mark.parametrize("dag_file", ["modelopt_optimize.py", "modelopt_retrain_and_optimize.py"])
+def test_trigger_form_params_declare_draft_07_and_still_refuse_bad_values(dag_file):
+    """Every form Param declares draft-07 (a third of Airflow's validation cost per serialization),
+    and the form still refuses what it refused under jsonschema's default draft."""
+    import runpy
+
+    from airflow.sdk.definitions.param import ParamValidationError
+
+    from airflow_modelopt.pipelines import FORM_PARAM_SCHEMA
+    from tests.conftest import REPO
+
+    dag = runpy.run_path(str(REPO / "dags" / dag_file))["dag"]
+    params = dag.params
+    assert {name: params.get_param(name).schema.get("$schema") for name in params} == \
+        dict.fromkeys(params, FORM_PARAM_SCHEMA)
+    params.validate()  # the defaults pass
+    for name, bad in [("targets", ["onnx_fp32", "no_such_target"]), ("targets", []),
+                      ("targets", ["onnx_fp32", "onnx_fp32"]), ("registered_model_name", ""),
+                      ("max_accuracy_drop", 1.5), ("execution_mode", "ssh")]:
+        with pytest.raises(ParamValidationError):
+            params.get_param(name).resolve(bad)
