@@ -19,6 +19,7 @@ import json
 import logging
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -92,34 +93,25 @@ def _run(spec: StepSpec, uri: str, started: float) -> StepResult:
     step = spec.step
     client = MlflowClient(tracking_uri=uri)
     experiment_id = tracking.ensure_experiment(client, spec.context.experiment_name)
-    parent = spec.context.parent_run_id or tracking.get_or_create_parent_run(client, experiment_id, spec.context)
-    try:
-        tracking.close_abandoned_runs(client, experiment_id, spec.context)
-    except Exception as exc:  # bookkeeping of earlier tries must not fail this one
-        log.warning("could not close runs earlier tries left RUNNING: %s", exc)
 
     with tempfile.TemporaryDirectory(prefix=f"modelopt-{step}-") as tmp:
         workdir = Path(tmp)
-        inputs: dict[str, Path] = {}
-        for name in spec.input_fields:
-            value = getattr(spec, name)
-            if value:
-                log.info("Fetching %s: %s", name, value)
-                inputs[name] = tracking.fetch(value, workdir / "inputs" / name, field=name)
-        digests = {name: tracking.digest(path) for name, path in inputs.items()}
+        parent, inputs, digests = _prepare(client, spec, experiment_id, workdir)
         key = cache_key(spec, digests)
         log.info("Cache key %s", key)
-        for name, value in digests.items():  # the Airflow side's lookups of later readers need no download
-            tracking.record_digest(client, getattr(spec, name), value)
 
-        if spec.cacheable and not spec.context.force:
-            hit = tracking.find_cached(client, experiment_id, key)
-            if hit is not None:
-                return _reuse(client, spec, experiment_id, parent, key, hit, started)
-
-        module = step_module(step)  # after the cache decision: a hit never imports the step's frameworks
-        run_name = spec.context.task_id or step
-        run = client.create_run(experiment_id, run_name=run_name, tags=_tags(spec, key, parent))
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="modelopt-digests") as background:
+            # Recorded while the cache is consulted and the run created (leaving the block waits for
+            # it): the Airflow side's cache lookups of the steps that read these inputs later need no
+            # download. record_digest logs its failures, never raises.
+            background.submit(_record_digests, client, spec, digests)
+            if spec.cacheable and not spec.context.force:
+                hit = tracking.find_cached(client, experiment_id, key)
+                if hit is not None:
+                    return _reuse(client, spec, experiment_id, parent, key, hit, started)
+            module = step_module(step)  # after the cache decision: a hit never imports the step's frameworks
+            run_name = spec.context.task_id or step
+            run = client.create_run(experiment_id, run_name=run_name, tags=_tags(spec, key, parent))
         run_id = run.info.run_id
         log.info("MLflow run %s (parent %s) in experiment %s", run_id, parent, experiment_id)
         ctx = StepContext(spec, run_id, experiment_id, parent, workdir / "work", inputs, client)
@@ -127,17 +119,19 @@ def _run(spec: StepSpec, uri: str, started: float) -> StepResult:
         try:
             ctx.log_params(_flatten(spec.params()))
             client.log_dict(run_id, json.loads(spec.model_dump_json()), "modelopt/spec.json")
-            with mlflow.start_run(run_id=run_id), trust.policy(spec.context.trust_model_code):
-                output: StepOutput = module.run(spec, ctx)
-            result = StepResult(
-                step=step, mlflow_run_id=run_id, parent_run_id=parent, experiment_id=experiment_id,
-                cache_key=key, artifacts=output.artifacts, metrics=output.metrics, info=output.info,
-                verdict=output.verdict, duration_s=round(time.monotonic() - started, 3),
-            )
-            ctx.log_metrics(output.metrics)
-            client.log_dict(run_id, result.model_dump(mode="json"), tracking.RESULT_ARTIFACT)
-            client.set_tag(run_id, tracking.TAG_STATUS, "succeeded")
-            client.set_terminated(run_id, "FINISHED")
+            # Leaving the fluent run ends it (FINISHED, or FAILED on an error): only once its result
+            # and status are logged, so no reader sees it finished without them.
+            with mlflow.start_run(run_id=run_id):
+                with trust.policy(spec.context.trust_model_code):
+                    output: StepOutput = module.run(spec, ctx)
+                result = StepResult(
+                    step=step, mlflow_run_id=run_id, parent_run_id=parent, experiment_id=experiment_id,
+                    cache_key=key, artifacts=output.artifacts, metrics=output.metrics, info=output.info,
+                    verdict=output.verdict, duration_s=round(time.monotonic() - started, 3),
+                )
+                ctx.log_metrics(output.metrics)
+                client.log_dict(run_id, result.model_dump(mode="json"), tracking.RESULT_ARTIFACT)
+                client.set_tag(run_id, tracking.TAG_STATUS, "succeeded")
             return result
         except BaseException as exc:
             error = _explained(uri, exc)
@@ -145,6 +139,45 @@ def _run(spec: StepSpec, uri: str, started: float) -> StepResult:
             if error is exc:
                 raise
             raise error from exc
+
+
+def _prepare(client: Any, spec: StepSpec, experiment_id: str, workdir: Path
+             ) -> tuple[str | None, dict[str, Path], dict[str, str]]:
+    """The DAG run's parent run, the step's inputs fetched under ``workdir`` and their content
+    digests, by field. Independent MLflow requests, so they go out together: the parent run lookup,
+    closing what earlier tries left open (from the second try on), and each input's download and
+    hash. The first input (in the spec's order) that cannot be read is the error raised."""
+    fields = [name for name in spec.input_fields if getattr(spec, name)]
+    with ThreadPoolExecutor(max_workers=max(2, len(fields) + 1), thread_name_prefix="modelopt-fetch") as pool:
+        parent = (pool.submit(lambda: spec.context.parent_run_id) if spec.context.parent_run_id else
+                  pool.submit(tracking.get_or_create_parent_run, client, experiment_id, spec.context))
+        closing = pool.submit(_close_abandoned_runs, client, experiment_id, spec.context) \
+            if spec.context.try_number > 1 else None
+        fetching = {name: pool.submit(_fetch_and_hash, getattr(spec, name), workdir / "inputs" / name, name)
+                    for name in fields}
+        if closing is not None:
+            closing.result()
+        fetched = {name: future.result() for name, future in fetching.items()}
+        return parent.result(), {n: f[0] for n, f in fetched.items()}, {n: f[1] for n, f in fetched.items()}
+
+
+def _fetch_and_hash(uri: str, dest: Path, field: str) -> tuple[Path, str]:
+    log.info("Fetching %s: %s", field, uri)
+    path = tracking.fetch(uri, dest, field=field)
+    return path, tracking.digest(path)
+
+
+def _close_abandoned_runs(client: Any, experiment_id: str, ctx: Any) -> None:
+    """Bookkeeping of earlier tries; it must not fail this one."""
+    try:
+        tracking.close_abandoned_runs(client, experiment_id, ctx)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("could not close runs earlier tries left RUNNING: %s", exc)
+
+
+def _record_digests(client: Any, spec: StepSpec, digests: dict[str, str]) -> None:
+    for name, value in digests.items():
+        tracking.record_digest(client, getattr(spec, name), value)
 
 
 def _reuse(client: Any, spec: StepSpec, experiment_id: str, parent: str | None, key: str, hit: Any,
