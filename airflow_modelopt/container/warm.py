@@ -3,9 +3,10 @@
 A local-mode step is a fresh Python process, and before its step starts it pays for importing
 MLflow, pydantic and this package: over a second on a quiet CPU, several on a busy one, for every
 task. This server pays that once. It imports what every step imports before its MLflow run
-starts (:data:`PRELOAD`, and the plotting library: :data:`OPTIONAL_PRELOAD`; no torch, TensorFlow
-or ONNX Runtime, whose thread pools and environment settings belong to the step), then listens on
-a Unix socket. Per request it forks twice:
+starts (:data:`PRELOAD`; then, while idle, the plotting library, :data:`OPTIONAL_PRELOAD`, and the
+registered steps' modules; no torch, TensorFlow or ONNX Runtime, whose thread pools and
+environment settings belong to the step) and what its first MLflow request sets up (:func:`_prime`),
+then listens on a Unix socket. Per request it forks twice:
 
 * a waiter, which reads the request (the entry point's arguments, environment, working folder)
   and two file descriptors (the step's stdin, and the pipe its stdout and stderr go to), forks the
@@ -55,7 +56,9 @@ def serve(path: str, entry: Callable[[list[str]], int], exit_now: Callable[[int]
 
     for name in PRELOAD:
         importlib.import_module(name)
-    later = list(OPTIONAL_PRELOAD)  # imported while idle: the first request need not wait for them
+    _prime()
+    # imported while idle: the first request need not wait for them
+    later = [*OPTIONAL_PRELOAD, *_step_modules()]
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(16)
@@ -67,7 +70,7 @@ def serve(path: str, entry: Callable[[list[str]], int], exit_now: Callable[[int]
             if not ready and later:
                 try:
                     importlib.import_module(later.pop(0))
-                except ImportError:
+                except Exception:  # noqa: BLE001 - optional: the step imports it itself, and reports
                     pass
                 continue
             if sys.stdin.fileno() in ready and not os.read(sys.stdin.fileno(), 4096):
@@ -84,6 +87,30 @@ def serve(path: str, entry: Callable[[list[str]], int], exit_now: Callable[[int]
             os.unlink(path)
         except OSError:
             pass
+
+
+def _prime() -> None:
+    """Set up what each step would set up before its first MLflow request, minus the request:
+    the tracking URI and retry budget (``tracking.configure``, which loads MLflow's tracing
+    exporters) and the request-header providers; about 20 ms a step. The step configures again
+    from its own environment (cheap once loaded). Nothing here opens a connection: a socket made
+    before the fork would be shared by every step. A failure is the step's to report."""
+    try:
+        from mlflow.tracking.request_header.registry import resolve_request_headers
+
+        from airflow_modelopt.container import tracking
+
+        tracking.configure()
+        resolve_request_headers()
+    except Exception as exc:  # noqa: BLE001 - e.g. a bad retry budget: the step itself says so
+        logging.getLogger(__name__).info("not primed: %s", exc)
+
+
+def _step_modules() -> list[str]:
+    """The registered steps' modules (no ML framework at import: ``test_import_boundary``)."""
+    from airflow_modelopt.container.steps import STEP_MODULES
+
+    return sorted(set(STEP_MODULES.values()))
 
 
 def _wait_for_step(conn: socket.socket, entry: Callable[[list[str]], int], exit_now: Callable[[int], None]) -> None:

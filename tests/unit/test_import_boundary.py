@@ -35,6 +35,14 @@ def test_container_entry_point_imports_no_airflow():
     assert _loaded_after(statement, ("airflow",)) == []
 
 
+def test_step_modules_import_no_ml_framework():
+    """The warm interpreter imports every step's module before it forks steps (container/warm.py):
+    a framework loaded there would be shared, thread pools and all, by every step."""
+    statement = ("import importlib; from airflow_modelopt.container.steps import STEP_MODULES; "
+                 "[importlib.import_module(m) for m in STEP_MODULES.values()]")
+    assert _loaded_after(statement, (*HEAVY, "openvino", "MNN", "coremltools", "tritonclient", "nncf")) == []
+
+
 def test_import_linter_contracts_hold():
     from pathlib import Path
 
