@@ -52,6 +52,54 @@ def form_param(default: Any, **schema: Any) -> Any:
     return Param(default, **{"$schema": FORM_PARAM_SCHEMA}, **schema)
 
 
+#: The trigger forms' choices: each target with what it produces, and where steps run.
+TARGET_CHOICES = {t: f"{t}: {TARGET_DESCRIPTIONS[t]}" for t in TARGETS}
+EXECUTION_MODES = {"": "default ([modelopt] execution_mode)", "local": "local (subprocess on the worker)",
+                   "docker": "docker (one image per step)", "kubernetes": "kubernetes (one pod per step)"}
+
+
+def pipeline_form_params(*, gates: dict[str, Any] | None = None,
+                         targets_description: str = "Deployables to build (pick one or more)") -> dict[str, Any]:
+    """The trigger-form Params of :func:`optimization_pipeline`'s run-time choices, in form order:
+    ``targets``, ``registered_model_name``, ``max_accuracy_drop``, then ``gates`` (more Params, e.g.
+    a DAG's own gates), ``execution_mode`` and ``force``. Pass them on with
+    :func:`pipeline_param_arguments`."""
+    return {
+        # examples + values_display: the form shows a multi-select of the known targets, each with
+        # what it produces; items.enum makes the API refuse any other name.
+        "targets": form_param(
+            ["onnx_fp32", "onnx_int8_static", "tflite_int8"], type="array", title="Targets",
+            items={"type": "string", "enum": list(TARGETS)}, minItems=1, uniqueItems=True,
+            examples=list(TARGETS), values_display=TARGET_CHOICES, description=targets_description,
+        ),
+        "registered_model_name": form_param(
+            "digits-cnn", type="string", minLength=1, maxLength=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$",
+            title="Registered model name", description="MLflow registered model the passing candidates join",
+        ),
+        "max_accuracy_drop": form_param(
+            0.02, type="number", minimum=0, maximum=1, title="Max accuracy drop",
+            description="Gate: candidate accuracy may fall at most this much (0.02 = 2 points)",
+        ),
+        **(gates or {}),
+        "execution_mode": form_param(
+            "", type=["null", "string"], enum=["", "local", "docker", "kubernetes"],
+            values_display=EXECUTION_MODES, title="Execution mode",
+            description="Where steps run; the default is the deployment's [modelopt] execution_mode",
+        ),
+        # "null" in the type: an optional toggle, so the form shows no required marker.
+        "force": form_param(
+            False, type=["null", "boolean"], title="Force rebuild",
+            description="Rebuild even when a finished MLflow run with the same cache key exists",
+        ),
+    }
+
+
+def pipeline_param_arguments(params: dict[str, Any]) -> dict[str, str]:
+    """:func:`optimization_pipeline` keyword arguments, each templated from the run's Param of the
+    same name: ``optimization_pipeline(..., **pipeline_param_arguments(pipeline_form_params()))``."""
+    return {name: f"{{{{ params.{name} }}}}" for name in params}
+
+
 #: The operator whose builds need an NVIDIA GPU.
 _GPU_OPERATORS = ("TensorRTBuildOperator",)
 

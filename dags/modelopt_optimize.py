@@ -15,15 +15,31 @@ from datetime import datetime
 
 from airflow.sdk import DAG, Asset, task
 
-from airflow_modelopt.pipelines import form_param, optimization_pipeline
-from airflow_modelopt.targets import TARGET_DESCRIPTIONS, TARGETS
+from airflow_modelopt.pipelines import (
+    form_param,
+    optimization_pipeline,
+    pipeline_form_params,
+    pipeline_param_arguments,
+)
+from airflow_modelopt.targets import TARGET_DESCRIPTIONS
 
 TRAINED_MODEL = Asset("modelopt_trained_model", uri="modelopt://trained-model")
 
-#: The trigger form's choices: each target with what it produces.
-TARGET_CHOICES = {t: f"{t}: {TARGET_DESCRIPTIONS[t]}" for t in TARGETS}
-EXECUTION_MODES = {"": "default ([modelopt] execution_mode)", "local": "local (subprocess on the worker)",
-                   "docker": "docker (one image per step)", "kubernetes": "kubernetes (one pod per step)"}
+#: The pipeline's run-time choices in the trigger form, passed on to it as templates.
+PIPELINE_PARAMS = pipeline_form_params(
+    targets_description="Deployables to build (pick one or more); each is validated and benchmarked "
+                        "in its own group",
+    gates={
+        "min_top1_agreement": form_param(
+            0.95, type="number", minimum=0, maximum=1, title="Min top-1 agreement",
+            description="Gate: share of samples whose top-1 class matches the source model",
+        ),
+        "objective": form_param(
+            "latency_p50", type="string", enum=["latency_p50", "size"], title="Objective",
+            description="What the champion minimizes among passing candidates",
+        ),
+    },
+)
 TARGET_TABLE = "\n".join(f"| `{t}` | {d} |" for t, d in TARGET_DESCRIPTIONS.items())
 
 DOC_MD = f"""
@@ -84,40 +100,7 @@ with DAG(
             description=".npz the pruned target fine-tunes on: inputs, labels under y optional (without them "
             "the pruned model learns from the unpruned one by distillation); empty means the calibration split",
         ),
-        # examples + values_display: the form shows a multi-select of the known targets, each with
-        # what it produces; items.enum makes the API refuse any other name.
-        "targets": form_param(
-            ["onnx_fp32", "onnx_int8_static", "tflite_int8"], type="array", title="Targets",
-            items={"type": "string", "enum": list(TARGETS)}, minItems=1, uniqueItems=True,
-            examples=list(TARGETS), values_display=TARGET_CHOICES,
-            description="Deployables to build (pick one or more); each is validated and benchmarked in its own group",
-        ),
-        "registered_model_name": form_param(
-            "digits-cnn", type="string", minLength=1, maxLength=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$",
-            title="Registered model name", description="MLflow registered model the passing candidates join",
-        ),
-        "max_accuracy_drop": form_param(
-            0.02, type="number", minimum=0, maximum=1, title="Max accuracy drop",
-            description="Gate: candidate accuracy may fall at most this much (0.02 = 2 points)",
-        ),
-        "min_top1_agreement": form_param(
-            0.95, type="number", minimum=0, maximum=1, title="Min top-1 agreement",
-            description="Gate: share of samples whose top-1 class matches the source model",
-        ),
-        "objective": form_param(
-            "latency_p50", type="string", enum=["latency_p50", "size"], title="Objective",
-            description="What the champion minimizes among passing candidates",
-        ),
-        "execution_mode": form_param(
-            "", type=["null", "string"], enum=["", "local", "docker", "kubernetes"],
-            values_display=EXECUTION_MODES, title="Execution mode",
-            description="Where steps run; the default is the deployment's [modelopt] execution_mode",
-        ),
-        # "null" in the type: an optional toggle, so the form shows no required marker.
-        "force": form_param(
-            False, type=["null", "boolean"], title="Force rebuild",
-            description="Rebuild even when a finished MLflow run with the same cache key exists",
-        ),
+        **PIPELINE_PARAMS,
     },
 ) as dag:
 
@@ -142,12 +125,6 @@ with DAG(
         calibration_data_uri="{{ ti.xcom_pull(task_ids='resolve_inputs')['calibration_data_uri'] }}",
         eval_data_uri="{{ ti.xcom_pull(task_ids='resolve_inputs')['eval_data_uri'] }}",
         train_data_uri="{{ ti.xcom_pull(task_ids='resolve_inputs')['train_data_uri'] }}",
-        targets="{{ params.targets }}",
-        registered_model_name="{{ params.registered_model_name }}",
-        max_accuracy_drop="{{ params.max_accuracy_drop }}",
-        min_top1_agreement="{{ params.min_top1_agreement }}",
-        objective="{{ params.objective }}",
-        execution_mode="{{ params.execution_mode }}",
-        force="{{ params.force }}",
+        **pipeline_param_arguments(PIPELINE_PARAMS),
     )
     inputs >> pipeline

@@ -15,12 +15,16 @@ from datetime import datetime
 from airflow.sdk import DAG
 
 from airflow_modelopt.operators import TrainExampleModelOperator, artifact
-from airflow_modelopt.pipelines import form_param, optimization_pipeline
-from airflow_modelopt.targets import TARGET_DESCRIPTIONS, TARGETS
+from airflow_modelopt.pipelines import (
+    form_param,
+    optimization_pipeline,
+    pipeline_form_params,
+    pipeline_param_arguments,
+)
+from airflow_modelopt.targets import TARGET_DESCRIPTIONS
 
-TARGET_CHOICES = {t: f"{t}: {TARGET_DESCRIPTIONS[t]}" for t in TARGETS}
-EXECUTION_MODES = {"": "default ([modelopt] execution_mode)", "local": "local (subprocess on the worker)",
-                   "docker": "docker (one image per step)", "kubernetes": "kubernetes (one pod per step)"}
+#: The pipeline's run-time choices in the trigger form, passed on to it as templates.
+PIPELINE_PARAMS = pipeline_form_params(targets_description="Deployables to build from the retrained model (pick one or more)")
 TARGET_TABLE = "\n".join(f"| `{t}` | {d} |" for t, d in TARGET_DESCRIPTIONS.items())
 
 DOC_MD = f"""
@@ -55,41 +59,17 @@ with DAG(
     params={
         "epochs": form_param(15, type="integer", minimum=1, maximum=500, title="Epochs",
                              description="Training epochs"),
-        "targets": form_param(
-            ["onnx_fp32", "onnx_int8_static", "tflite_int8"], type="array", title="Targets",
-            items={"type": "string", "enum": list(TARGETS)}, minItems=1, uniqueItems=True,
-            examples=list(TARGETS), values_display=TARGET_CHOICES,
-            description="Deployables to build from the retrained model (pick one or more)",
-        ),
-        "registered_model_name": form_param(
-            "digits-cnn", type="string", minLength=1, title="Registered model name",
-            description="MLflow registered model the passing candidates join",
-        ),
-        "max_accuracy_drop": form_param(
-            0.02, type="number", minimum=0, maximum=1, title="Max accuracy drop",
-            description="Gate: candidate accuracy may fall at most this much (0.02 = 2 points)",
-        ),
-        "execution_mode": form_param(
-            "", type=["null", "string"], enum=["", "local", "docker", "kubernetes"],
-            values_display=EXECUTION_MODES, title="Execution mode",
-            description="Where steps run; the default is the deployment's [modelopt] execution_mode",
-        ),
-        "force": form_param(False, type=["null", "boolean"], title="Force rebuild",
-                            description="Rebuild even when a cached MLflow run matches"),
+        **PIPELINE_PARAMS,
     },
 ) as dag:
-    common = {"execution_mode": "{{ params.execution_mode }}", "force": "{{ params.force }}"}
-
-    train = TrainExampleModelOperator(task_id="train", epochs="{{ params.epochs }}", **common)
+    train = TrainExampleModelOperator(task_id="train", epochs="{{ params.epochs }}",
+                                      execution_mode="{{ params.execution_mode }}", force="{{ params.force }}")
 
     optimize = optimization_pipeline(
         model_uri=artifact("train", "model_pt2"),
         calibration_data_uri=artifact("train", "calibration_data"),
         eval_data_uri=artifact("train", "eval_data"),
         train_data_uri=artifact("train", "train_data"),
-        targets="{{ params.targets }}",
-        registered_model_name="{{ params.registered_model_name }}",
-        max_accuracy_drop="{{ params.max_accuracy_drop }}",
-        **common,
+        **pipeline_param_arguments(PIPELINE_PARAMS),
     )
     train >> optimize
