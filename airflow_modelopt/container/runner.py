@@ -87,78 +87,88 @@ def _explained(uri: str, exc: BaseException) -> BaseException:
 
 
 def _run(spec: StepSpec, uri: str, started: float) -> StepResult:
-    import mlflow
     from mlflow import MlflowClient
 
     step = spec.step
     client = MlflowClient(tracking_uri=uri)
-    experiment_id = tracking.ensure_experiment(client, spec.context.experiment_name)
-
-    with tempfile.TemporaryDirectory(prefix=f"modelopt-{step}-") as tmp:
-        workdir = Path(tmp)
-        parent, inputs, digests = _prepare(client, spec, experiment_id, workdir)
-        key = cache_key(spec, digests)
-        log.info("Cache key %s", key)
-
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="modelopt-digests") as background:
-            # Recorded while the cache is consulted and the run created (leaving the block waits for
-            # it): the Airflow side's cache lookups of the steps that read these inputs later need no
-            # download. record_digest logs its failures, never raises.
-            background.submit(_record_digests, client, spec, digests)
-            if spec.cacheable and not spec.context.force:
-                hit = tracking.find_cached(client, experiment_id, key)
-                if hit is not None:
-                    return _reuse(client, spec, experiment_id, parent, key, hit, started)
-            module = step_module(step)  # after the cache decision: a hit never imports the step's frameworks
-            run_name = spec.context.task_id or step
-            run = client.create_run(experiment_id, run_name=run_name, tags=_tags(spec, key, parent))
-        run_id = run.info.run_id
-        log.info("MLflow run %s (parent %s) in experiment %s", run_id, parent, experiment_id)
-        ctx = StepContext(spec, run_id, experiment_id, parent, workdir / "work", inputs, client)
-        ctx.workdir.mkdir()
-        try:
-            ctx.log_params(_flatten(spec.params()))
-            client.log_dict(run_id, json.loads(spec.model_dump_json()), "modelopt/spec.json")
-            # Leaving the fluent run ends it (FINISHED, or FAILED on an error): only once its result
-            # and status are logged, so no reader sees it finished without them.
-            with mlflow.start_run(run_id=run_id):
-                with trust.policy(spec.context.trust_model_code):
-                    output: StepOutput = module.run(spec, ctx)
-                result = StepResult(
-                    step=step, mlflow_run_id=run_id, parent_run_id=parent, experiment_id=experiment_id,
-                    cache_key=key, artifacts=output.artifacts, metrics=output.metrics, info=output.info,
-                    verdict=output.verdict, duration_s=round(time.monotonic() - started, 3),
-                )
-                ctx.log_metrics(output.metrics)
-                client.log_dict(run_id, result.model_dump(mode="json"), tracking.RESULT_ARTIFACT)
-                client.set_tag(run_id, tracking.TAG_STATUS, "succeeded")
-            return result
-        except BaseException as exc:
-            error = _explained(uri, exc)
-            _mark_failed(client, run_id, error)
-            if error is exc:
-                raise
-            raise error from exc
+    # Records the input digests (for the Airflow side's cache lookups of the steps that read these
+    # inputs later: no download) while the step goes on; waited for before the step returns.
+    # record_digest logs its failures, never raises.
+    recorder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="modelopt-digests")
+    try:
+        with tempfile.TemporaryDirectory(prefix=f"modelopt-{step}-") as tmp:
+            return _in_workdir(spec, uri, started, client, recorder, Path(tmp))
+    finally:
+        recorder.shutdown(wait=True)
 
 
-def _prepare(client: Any, spec: StepSpec, experiment_id: str, workdir: Path
-             ) -> tuple[str | None, dict[str, Path], dict[str, str]]:
-    """The DAG run's parent run, the step's inputs fetched under ``workdir`` and their content
-    digests, by field. Independent MLflow requests, so they go out together: the parent run lookup,
-    closing what earlier tries left open (from the second try on), and each input's download and
-    hash. The first input (in the spec's order) that cannot be read is the error raised."""
+def _in_workdir(spec: StepSpec, uri: str, started: float, client: Any, recorder: ThreadPoolExecutor,
+                workdir: Path) -> StepResult:
+    import mlflow
+
+    step = spec.step
+    experiment_id, parent, inputs, digests = _prepare(client, spec, workdir)
+    key = cache_key(spec, digests)
+    log.info("Cache key %s", key)
+    recorder.submit(_record_digests, client, spec, digests)
+    if spec.cacheable and not spec.context.force:
+        hit = tracking.find_cached(client, experiment_id, key)
+        if hit is not None:
+            return _reuse(client, spec, experiment_id, parent, key, hit, started)
+    module = step_module(step)  # after the cache decision: a hit never imports the step's frameworks
+    run_name = spec.context.task_id or step
+    run = client.create_run(experiment_id, run_name=run_name, tags=_tags(spec, key, parent))
+    run_id = run.info.run_id
+    log.info("MLflow run %s (parent %s) in experiment %s", run_id, parent, experiment_id)
+    ctx = StepContext(spec, run_id, experiment_id, parent, workdir / "work", inputs, client)
+    ctx.workdir.mkdir()
+    try:
+        ctx.log_params(_flatten(spec.params()))
+        client.log_dict(run_id, json.loads(spec.model_dump_json()), "modelopt/spec.json")
+        # Leaving the fluent run ends it (FINISHED, or FAILED on an error): only once its result
+        # and status are logged, so no reader sees it finished without them.
+        with mlflow.start_run(run_id=run_id):
+            with trust.policy(spec.context.trust_model_code):
+                output: StepOutput = module.run(spec, ctx)
+            result = StepResult(
+                step=step, mlflow_run_id=run_id, parent_run_id=parent, experiment_id=experiment_id,
+                cache_key=key, artifacts=output.artifacts, metrics=output.metrics, info=output.info,
+                verdict=output.verdict, duration_s=round(time.monotonic() - started, 3),
+            )
+            ctx.log_metrics(output.metrics)
+            client.log_dict(run_id, result.model_dump(mode="json"), tracking.RESULT_ARTIFACT)
+            client.set_tag(run_id, tracking.TAG_STATUS, "succeeded")
+        return result
+    except BaseException as exc:
+        error = _explained(uri, exc)
+        _mark_failed(client, run_id, error)
+        if error is exc:
+            raise
+        raise error from exc
+
+
+def _prepare(client: Any, spec: StepSpec, workdir: Path
+             ) -> tuple[str, str | None, dict[str, Path], dict[str, str]]:
+    """The experiment's id, the DAG run's parent run, the step's inputs fetched under ``workdir``
+    and their content digests, by field. Independent MLflow requests, so they go out together: the
+    experiment (then the parent run) lookup, closing what earlier tries left open (from the second
+    try on), and each input's download and hash. Errors are raised in that order, inputs in the
+    spec's order."""
     fields = [name for name in spec.input_fields if getattr(spec, name)]
-    with ThreadPoolExecutor(max_workers=max(2, len(fields) + 1), thread_name_prefix="modelopt-fetch") as pool:
-        parent = (pool.submit(lambda: spec.context.parent_run_id) if spec.context.parent_run_id else
-                  pool.submit(tracking.get_or_create_parent_run, client, experiment_id, spec.context))
-        closing = pool.submit(_close_abandoned_runs, client, experiment_id, spec.context) \
-            if spec.context.try_number > 1 else None
+    with ThreadPoolExecutor(max_workers=len(fields) + 3, thread_name_prefix="modelopt-fetch") as pool:
+        experiment = pool.submit(tracking.ensure_experiment, client, spec.context.experiment_name)
         fetching = {name: pool.submit(_fetch_and_hash, getattr(spec, name), workdir / "inputs" / name, name)
                     for name in fields}
+        parent = pool.submit(lambda: spec.context.parent_run_id or tracking.get_or_create_parent_run(
+            client, experiment.result(), spec.context))
+        closing = pool.submit(lambda: _close_abandoned_runs(client, experiment.result(), spec.context)) \
+            if spec.context.try_number > 1 else None
+        experiment_id = experiment.result()
         if closing is not None:
             closing.result()
         fetched = {name: future.result() for name, future in fetching.items()}
-        return parent.result(), {n: f[0] for n, f in fetched.items()}, {n: f[1] for n, f in fetched.items()}
+        return (experiment_id, parent.result(), {n: f[0] for n, f in fetched.items()},
+                {n: f[1] for n, f in fetched.items()})
 
 
 def _fetch_and_hash(uri: str, dest: Path, field: str) -> tuple[Path, str]:

@@ -54,6 +54,7 @@ import socket
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
@@ -521,12 +522,28 @@ def run(spec: PromoteSpec, ctx: StepContext) -> StepOutput:
 
 
 def _promote(spec: PromoteSpec, ctx: StepContext, passing: list[Candidate]) -> StepOutput:
-    client = ctx.client
-    name = spec.registered_model_name
     rows: list[dict[str, Any]] = []
     for c in spec.candidates:
         rows.append({"target": c.target, "verdict": "passed" if c.passed else "failed", "reasons": c.reasons,
                      **{k: c.metrics.get(k) for k in ("accuracy_drop", "candidate_accuracy", "latency_ms_p50", "model_bytes")}})
+    plot_rows = [{"name": r["target"], "latency_ms": r["latency_ms_p50"], "size_bytes": r["model_bytes"],
+                  "accuracy": r.get("candidate_accuracy")} for r in rows
+                 if r.get("latency_ms_p50") is not None and r.get("model_bytes") is not None]
+    # The comparison plot needs only the candidates' metrics: it is drawn and logged while the
+    # registry work goes on (leaving the block waits for it, whatever happens).
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="modelopt-plot") as drawing:
+        plot = None
+        if spec.write_summary and plot_rows:
+            from airflow_modelopt.container.steps.benchmark import log_comparison_plot
+
+            plot = drawing.submit(log_comparison_plot, ctx.client, ctx.parent_run_id or ctx.run_id, plot_rows)
+        return _register_and_summarize(spec, ctx, passing, rows, plot)
+
+
+def _register_and_summarize(spec: PromoteSpec, ctx: StepContext, passing: list[Candidate],
+                            rows: list[dict[str, Any]], plot: Future[str] | None) -> StepOutput:
+    client = ctx.client
+    name = spec.registered_model_name
     by_target = {r["target"]: r for r in rows}
     for c in spec.candidates:
         if not c.passed:
@@ -580,13 +597,8 @@ def _promote(spec: PromoteSpec, ctx: StepContext, passing: list[Candidate]) -> S
                                                                indent=2, default=str))
             client.log_artifacts(summary_run, tmp, "summary")
         artifacts["summary"] = f"runs:/{summary_run}/summary/candidates.md"
-        plot_rows = [{"name": r["target"], "latency_ms": r["latency_ms_p50"], "size_bytes": r["model_bytes"],
-                      "accuracy": r.get("candidate_accuracy")} for r in rows
-                     if r.get("latency_ms_p50") is not None and r.get("model_bytes") is not None]
-        if plot_rows:
-            from airflow_modelopt.container.steps.benchmark import log_comparison_plot
-
-            artifacts["comparison_plot"] = log_comparison_plot(client, summary_run, plot_rows)
+    if plot is not None:
+        artifacts["comparison_plot"] = plot.result()
     print_table = markdown.splitlines()
     for line in print_table:
         ctx.log.info("%s", line)
